@@ -1,0 +1,1 @@
+"""The single `pdl1` command line; each package contributes its own sub-commands."""

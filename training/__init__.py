@@ -1,0 +1,1 @@
+"""Reproduce the study on a cohort manifest: features -> selection -> classifiers -> statistics -> report."""
