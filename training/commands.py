@@ -34,7 +34,9 @@ def synth(
 
 
 def preprocess(
-    image: Path = typer.Option(..., "--image", help="Iodine map: NIfTI, NRRD, MHA/MHD or a DICOM series folder."),
+    image: Path = typer.Option(
+        ..., "--image", help="Iodine map: NIfTI, NRRD, MHA/MHD or a DICOM series folder."
+    ),
     mask: Path = typer.Option(..., "--mask", help="Tumour VOI mask (any grid overlapping the image)."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     label: int | None = typer.Option(None, "--label", help="Mask label to use when the mask has several."),
@@ -56,10 +58,14 @@ def preprocess(
 def evaluate(
     predictions: Path = typer.Option(..., "--predictions", help="CSV with one row per patient."),
     label_col: str = typer.Option(..., "--label-col", help="Binary outcome column (1 = positive)."),
-    score_cols: str = typer.Option(..., "--score-cols", help="Comma-separated score columns (higher = positive)."),
+    score_cols: str = typer.Option(
+        ..., "--score-cols", help="Comma-separated score columns (higher = positive)."
+    ),
     cohort_col: str | None = typer.Option(None, "--cohort-col", help="Evaluate each cohort separately."),
     threshold_cohort: str | None = typer.Option(
-        None, "--threshold-cohort", help="Cohort whose Youden cut-off is applied to all (default: each its own)."
+        None,
+        "--threshold-cohort",
+        help="Cohort whose Youden cut-off is applied to all (default: each its own).",
     ),
 ) -> None:
     """AUC with DeLong 95% CI, pairwise DeLong tests, calibration, threshold metrics, net benefit (JSON)."""
@@ -78,7 +84,7 @@ def evaluate(
             threshold_cohort=threshold_cohort,
             source=str(predictions),
         )
-    except (InputError, FileNotFoundError) as exc:
+    except (InputError, OSError, ValueError) as exc:  # pandas parse errors are ValueErrors
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc
     typer.echo(json.dumps(result, indent=2, allow_nan=False, default=float))
@@ -89,12 +95,23 @@ def study_run(
     manifest: Path = typer.Option(..., "--manifest", help="Cohort manifest.csv."),
     out: Path = typer.Option(..., "--out", help="Run directory (created; finished stages are reused)."),
     config: Path | None = typer.Option(None, "--config", help="Study YAML (default: configs/study.yaml)."),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="Override features.weights: imagenet | file:PATH | random (explicit, recorded).",
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="Build report.html at the end."),
 ) -> None:
     """Reproduce the study end to end and write a self-contained run directory."""
+    from core.errors import InputError
     from training.study import run_study
 
-    run_dir = run_study(manifest, out, config_path=config, build_report=report)
+    overrides = {"features.weights": weights} if weights else {}
+    try:
+        run_dir = run_study(manifest, out, config_path=config, overrides=overrides, build_report=report)
+    except InputError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc
     typer.echo(str(run_dir))
 
 

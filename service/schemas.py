@@ -1,0 +1,43 @@
+"""HTTP response schemas (they also document the endpoints on the OpenAPI page)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    tag: str = Field(description="BentoML model store tag (or dir:NAME when served from a directory).")
+    name: str
+    version: str
+    variant: str = Field(description="ONNX variant in use (fp32, fp16, int8).")
+    provider: str = Field(description="ONNX Runtime execution provider in use.")
+
+
+class PredictResponse(BaseModel):
+    probability: float = Field(description="Predicted probability of PD-L1 positivity.")
+    label: int = Field(description="1 when probability >= threshold (PD-L1 positive), else 0.")
+    label_name: str
+    threshold: float = Field(description="Operating threshold stored with the model.")
+    model: ModelRef
+    timings_ms: dict[str, float]
+    cam: str | None = Field(None, description="Base64: gzipped NIfTI on the input grid, or a PNG overlay.")
+    cam_format: Literal["nifti", "png"] | None = None
+    cam_source: Literal["graph", "torch-gradcam"] | None = Field(
+        None, description="'graph': the ONNX graph's own CAM (linear heads); else Grad-CAM on the torch path."
+    )
+    cam_normalisation: str | None = None
+
+
+class PreprocessedResponse(BaseModel):
+    probability: list[float] = Field(description="One probability per patient in the input.")
+    label: list[int]
+    threshold: float
+    model: ModelRef
+    timings_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What is wrong, naming the field; never the uploaded file's name.")
+    field: str | None = None
