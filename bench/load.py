@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -96,7 +95,9 @@ async def _http_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> l
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
     results = []
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=args.url, headers=headers, timeout=args.timeout, limits=limits
+    ) as client:
 
         async def call() -> None:
             files = {"image": ("image.nii.gz", image), "mask": ("mask.nii.gz", mask)}
@@ -131,9 +132,10 @@ async def _grpc_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> l
     limit = 1 << 30
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     results = []
-    async with grpc.aio.insecure_channel(args.grpc, options=options) as channel, httpx.AsyncClient(
-        base_url=args.url, timeout=30
-    ) as http:
+    async with (
+        grpc.aio.insecure_channel(args.grpc, options=options) as channel,
+        httpx.AsyncClient(base_url=args.url, timeout=30) as http,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
         async def call() -> None:
@@ -190,7 +192,9 @@ def serving(model_dir: str, *, max_batch_size: int, max_latency_ms: int, startup
     bentoml = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml), "serve", "service.service:PDL1", "--host", "127.0.0.1", "--port", str(http_port)]
     log = open(ROOT / "bench" / f".load_server_{http_port}.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + startup_s
@@ -250,7 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.model_dir:
             raise SystemExit("--compare-batching needs --model-dir")
         for label, mbs in (("batching", args.max_batch_size), ("max_batch_size=1", 1)):
-            with serving(args.model_dir, max_batch_size=mbs, max_latency_ms=args.max_latency_ms) as (url, target):
+            with serving(args.model_dir, max_batch_size=mbs, max_latency_ms=args.max_latency_ms) as (
+                url,
+                target,
+            ):
                 args.url, args.grpc = url, target
                 report["runs"] += [{"mode": label, **r} for r in run_against(args)]
     else:

@@ -1,4 +1,4 @@
-"""`pdl1`: one entry point. Sub-commands live next to the code they drive and import heavy libraries lazily."""
+"""`pdl1`: one entry point. Sub-commands live next to their code and import heavy libraries lazily."""
 
 from __future__ import annotations
 

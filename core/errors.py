@@ -22,7 +22,7 @@ class InputError(ValueError):
         super().__init__(f"{prefix}: {problem}" if prefix else problem)
 
     def public_message(self) -> str:
-        """The message without the source path, for server responses/logs (uploads' names may identify patients)."""
+        """The message without the source path (upload names may identify patients): for responses, logs."""
         return f"field {self.field!r}: {self.problem}" if self.field else self.problem
 
 

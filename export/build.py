@@ -187,9 +187,8 @@ def load_validation_inputs(
 
 
 def _preprocess_from_manifest(run: Run, wanted: list[str]) -> list[np.ndarray]:
-    from training.cohort import load_manifest
-
     from core.preprocessing import PreprocessConfig
+    from training.cohort import load_manifest
     from training.features import prepare_inputs
     from training.study import default_cache_dir
 
@@ -288,12 +287,15 @@ def make_version() -> str:
     return f"{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _validation_provider(variant: str) -> list[str]:
+def _validation_provider(variant: str) -> list[Any]:
+    """fp16 is checked where it will run (CUDA) when this machine can; everything else on the CPU."""
     import onnxruntime as ort
 
-    if variant == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    from core.runtime import CPU, CUDA, cuda_provider_options
+
+    if variant == "fp16" and CUDA in ort.get_available_providers():
+        return [(CUDA, cuda_provider_options()), CPU]
+    return [CPU]
 
 
 def _write_head_files(out: Path, built: BuiltGraph, run: Run, linear: LinearHead | None) -> None:

@@ -78,14 +78,12 @@ def reference_probabilities(
 
 
 def run_graph(
-    path: Path, slices: np.ndarray, *, providers: Sequence[str] = ("CPUExecutionProvider",), batch: int = 4
+    path: Path, slices: np.ndarray, *, providers: Sequence[Any] = ("CPUExecutionProvider",), batch: int = 4
 ) -> tuple[np.ndarray, str, float]:
-    """(probabilities [N], provider used, seconds) of an exported graph file."""
-    import onnxruntime as ort
+    """(probabilities [N], provider used, seconds) of a graph file, through the runtime's session."""
+    from core.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), opts, providers=list(providers))
+    session = make_session(path, list(providers))
     t0 = time.perf_counter()
     probs = [
         session.run([PROBABILITY], {INPUT: np.ascontiguousarray(slices[i : i + batch], dtype=np.float32)})[0]

@@ -13,7 +13,9 @@ from typing import Any
 
 import grpc
 
-OPEN_HTTP_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+OPEN_HTTP_PATHS = frozenset(
+    {"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+)
 OPEN_GRPC_METHODS = frozenset(
     {
         "/grpc.health.v1.Health/Check",

@@ -66,9 +66,35 @@ def warmup_batch_sizes(provider: str, max_batch_size: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def load_cuda_libraries(providers: list[str] | None) -> None:
+    """Make CUDA/cuDNN from pip wheels (nvidia-*-cu13) visible to ONNX Runtime before its session exists.
+
+    Why: in an image without a CUDA base (the `bentoml containerize` route) those libraries live in
+    site-packages, not on the loader path. A CUDA build of torch loads them when imported, which is the
+    mechanism onnxruntime documents for a matching torch; with a CUDA base image it is harmless.
+    """
+    import onnxruntime as ort
+
+    wanted = providers is None or "CUDAExecutionProvider" in providers
+    if not wanted or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return
+    try:
+        import torch
+    except ImportError:
+        log.warning("torch is not installed: ONNX Runtime must find CUDA/cuDNN on the loader path itself")
+        return
+    if torch.version.cuda and torch.cuda.is_available():
+        log.info(
+            "CUDA %s / cuDNN %s loaded through torch for ONNX Runtime",
+            torch.version.cuda,
+            torch.backends.cudnn.version(),
+        )
+
+
 def load_model(settings: Settings, stored: Any | None) -> tuple[InferenceModel, str]:
     """Load (every file hash-verified by core.runtime), warm up, log the provider actually in use."""
     path, store_tag = resolve_export(settings, stored)
+    load_cuda_libraries(settings.provider_list)
     t0 = time.perf_counter()
     model = InferenceModel.load(path, variant=settings.variant, providers=settings.provider_list)
     warm_s = model.warmup(warmup_batch_sizes(model.provider, settings.max_batch_size))
@@ -84,7 +110,9 @@ def load_model(settings: Settings, stored: Any | None) -> tuple[InferenceModel, 
         os.getpid(),
     )
     if model.provider != "CUDAExecutionProvider":
-        log.warning("serving on %s, not CUDAExecutionProvider (%s)", model.provider, model.fallback or "CPU only")
+        log.warning(
+            "serving on %s, not CUDAExecutionProvider (%s)", model.provider, model.fallback or "CPU only"
+        )
     return model, tag
 
 

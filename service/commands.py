@@ -56,8 +56,13 @@ def client(
     token: str | None = typer.Option(None, "--token", envvar="PDL1_API_TOKEN", help="Bearer token."),
 ) -> None:
     """Send one patient to a running service and print the JSON answer (the CAM goes to --cam)."""
+    import logging
+
+    import httpx
+
     from service.client import ServiceError, predict_grpc, predict_http, save_cam
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO request lines would pollute the JSON
     want_png = cam is not None and cam.suffix.lower() == ".png"
     if use_grpc and want_png:
         raise typer.BadParameter("gRPC returns the CAM as NIfTI; use a .nii.gz path", param_hint="--cam")
@@ -69,6 +74,9 @@ def client(
             result = predict_http(url, image, mask, return_cam=cam is not None, cam_format=fmt, token=token)
     except ServiceError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc
+    except httpx.HTTPError as exc:
+        typer.secho(f"error: cannot reach {url}: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc
     if cam is not None:
         save_cam(result, cam)

@@ -25,7 +25,9 @@ class Settings(BaseModel):
     model_tag: str = Field("pdl1:latest", description="BentoML model store tag of the export.")
     model_dir: str | None = Field(None, description="Export directory to serve instead of the store.")
     variant: str | None = Field(None, description="ONNX variant (fp32, fp16, int8); default: the runtime's.")
-    providers: str | None = Field(None, description="Comma-separated ORT providers, e.g. CPUExecutionProvider.")
+    providers: str | None = Field(
+        None, description="Comma-separated ORT providers, e.g. CPUExecutionProvider."
+    )
     max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most patients per graph call.")
     max_latency_ms: int = Field(60_000, ge=1, description="Adaptive batching: latency budget per request.")
     graph_workers: int = Field(1, ge=1, description="Graph service workers (one per GPU).")

@@ -61,4 +61,6 @@ def error_body(exc: InputError) -> dict[str, str]:
 
 def log_rejection(channel: str, exc: InputError, status: int | str) -> None:
     """Log a rejected request by category only: the message may quote zip member names or header text."""
-    log.info("rejected %s request: status=%s field=%s kind=%s", channel, status, exc.field, type(exc).__name__)
+    log.info(
+        "rejected %s request: status=%s field=%s kind=%s", channel, status, exc.field, type(exc).__name__
+    )

@@ -56,7 +56,11 @@ class GrpcFront:
         if self.settings.grpc_reflection:
             from grpc_reflection.v1alpha import reflection
 
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            names = (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
             reflection.enable_server_reflection(names, server, pool=pb.POOL)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         port = server.add_insecure_port(address)
@@ -81,7 +85,9 @@ class GrpcFront:
             self.server = None
 
     async def _set_serving(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

@@ -31,7 +31,9 @@ def error_response(exc: InputError, channel: str = "http") -> JSONResponse:
 
 
 def model_ref(info: ModelInfo) -> ModelRef:
-    return ModelRef(tag=info.tag, name=info.name, version=info.version, variant=info.variant, provider=info.provider)
+    return ModelRef(
+        tag=info.tag, name=info.name, version=info.version, variant=info.variant, provider=info.provider
+    )
 
 
 async def _read(path: Path | None, field: str, limit: int) -> bytes:
@@ -39,7 +41,9 @@ async def _read(path: Path | None, field: str, limit: int) -> bytes:
         raise RequestError("file part is missing", field=field)
     size = path.stat().st_size
     if size > limit:
-        raise PayloadTooLarge(f"upload is {size / 1e6:.1f} MB, above the {limit / 2**20:g} MiB limit", field=field)
+        raise PayloadTooLarge(
+            f"upload is {size / 1e6:.1f} MB, above the {limit / 2**20:g} MiB limit", field=field
+        )
     return await asyncio.to_thread(path.read_bytes)
 
 
@@ -83,18 +87,18 @@ async def predict(
 
 
 async def predict_preprocessed(
-    pipeline: Pipeline, slices: list[Any] | None, npy: Path | None
+    pipeline: Pipeline, slices: list[Any] | None, npy: list[Path]
 ) -> PreprocessedResponse | JSONResponse:
-    """POST /predict_preprocessed: JSON `slices` or an uploaded .npy, [S,3,H,W] or [N,S,3,H,W]."""
+    """POST /predict_preprocessed: JSON `slices` or ONE uploaded .npy, [S,3,H,W] or [N,S,3,H,W]."""
     t0 = time.perf_counter()
     try:
-        if (slices is None) == (npy is None):
-            raise RequestError("send exactly one of 'slices' (JSON) or 'npy' (file)", field="slices")
-        if npy is not None:
-            array = _load_npy(await _read(npy, "npy", pipeline.settings.max_upload_bytes))
+        if (slices is None) == (not npy) or len(npy) > 1:
+            raise RequestError("send exactly one of 'slices' (JSON) or one 'npy' file", field="slices")
+        if npy:
+            array = _load_npy(await _read(npy[0], "npy", pipeline.settings.max_upload_bytes))
         else:
             array = slices
-        probability = await pipeline.predict_slices(array, field_name="npy" if npy is not None else "slices")
+        probability = await pipeline.predict_slices(array, field_name="npy" if npy else "slices")
     except InputError as exc:
         return error_response(exc)
     info = await pipeline.info()

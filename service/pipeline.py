@@ -108,7 +108,7 @@ class Pipeline:
         if self._info is None:
             async with self._lock:
                 if self._info is None:
-                    self._info = ModelInfo.from_describe(await self._graph().describe())
+                    self._info = ModelInfo.from_describe(await self._call("describe"))
                     log.info(
                         "serving %s (variant %s, provider %s)",
                         self._info.tag,
@@ -123,6 +123,23 @@ class Pipeline:
         except Exception:  # the graph service is still starting (or down): not ready, never an error
             return False
         return True
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """Call the graph service; retry ONCE when the pooled connection was already closed by the server.
+
+        BentoML's dependency client (aiohttp) can pick a keep-alive connection that the graph server has
+        just timed out; the request never reached the model, and every graph method is idempotent, so one
+        retry is safe. It is logged, and a second failure propagates.
+        """
+        import aiohttp
+
+        try:
+            return await getattr(self._graph(), method)(*args)
+        except aiohttp.ClientConnectionError as exc:  # includes ServerDisconnectedError
+            log.warning(
+                "graph call %s failed on a stale connection (%s); retrying once", method, type(exc).__name__
+            )
+            return await getattr(self._graph(), method)(*args)
 
     # ----------------------------------------------------------------------------------------- predict
 
@@ -145,7 +162,7 @@ class Pipeline:
         info = await self.info()
         prep = await asyncio.to_thread(self._preprocess, image, image_name, mask, mask_name, info.preprocess)
         t1 = time.perf_counter()
-        out = (await self._graph().predict(prep.slices[None]))[0]
+        out = (await self._call("predict", prep.slices[None]))[0]
         t2 = time.perf_counter()
         probability = float(out["probability"])
         pred = Prediction(
@@ -169,7 +186,7 @@ class Pipeline:
         """Network input [N,S,3,H,W] (or one patient [S,3,H,W]) -> probabilities [N], through the batcher."""
         info = await self.info()
         batch = self.check_slices(slices, info, field_name=field_name)
-        outs = await self._graph().predict(batch)
+        outs = await self._call("predict", batch)
         return np.asarray([float(o["probability"]) for o in outs], dtype=np.float32)
 
     def check_slices(self, slices: Any, info: ModelInfo, *, field_name: str = "slices") -> np.ndarray:
@@ -210,11 +227,15 @@ class Pipeline:
         msk = _with_field(lambda: read_mask_bytes(mask, mask_name, img, max_voxels=max_voxels), "mask")
         return preprocess(img, msk, config)
 
-    async def _add_cam(self, pred: Prediction, prep: Preprocessed, out: dict[str, Any], fmt: CamFormat) -> None:
+    async def _add_cam(
+        self, pred: Prediction, prep: Preprocessed, out: dict[str, Any], fmt: CamFormat
+    ) -> None:
+        size = prep.slices.shape[-1]
         if out.get("cam") is not None:
-            maps, pred.cam_source = np.asarray(out["cam"], dtype=np.float32), CAM_SOURCE_GRAPH
+            pred.cam_source = CAM_SOURCE_GRAPH
+            maps = await asyncio.to_thread(upsample_cam, np.asarray(out["cam"], dtype=np.float32), size)
         else:
-            maps = np.asarray(await self._graph().gradcam(prep.slices[None]), dtype=np.float32)[0]
+            maps = np.asarray(await self._call("gradcam", prep.slices[None]), dtype=np.float32)[0]
             pred.cam_source = CAM_SOURCE_TORCH
         maps = normalise_cam(maps)
         if fmt == "png":
@@ -237,6 +258,15 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 2)
 
 
+def upsample_cam(maps: np.ndarray, size: int) -> np.ndarray:
+    """Layer4 maps [S,7,7] -> [S,size,size] with core.cam's receptive-field ("stride") alignment, as the
+    torch Grad-CAM path does, so both sources land on the image grid identically (torch is imported
+    here, on the first CAM request, not at start-up)."""
+    from core.cam import upsample_maps
+
+    return upsample_maps(maps, (size, size)).numpy().astype(np.float32)
+
+
 def normalise_cam(maps: np.ndarray) -> np.ndarray:
     """ReLU, then divide by the patient's maximum: [0, 1], slices keep their relative strength.
 
@@ -256,16 +286,16 @@ def image_to_nifti_bytes(image: sitk.Image) -> bytes:
 
 
 def overlay_png(prep: Preprocessed, maps: np.ndarray) -> bytes:
-    """The S network-input slices side by side (grey), the CAM as a translucent heat map, VOI outline white."""
+    """The S network-input slices side by side (grey), the CAM ([S,size,size], 0..1) as a translucent
+    heat map, the VOI outline in white."""
     from matplotlib import colormaps
     from PIL import Image
     from scipy import ndimage
 
-    size = prep.windowed.shape[-1]
     tiles = []
     for s in range(prep.windowed.shape[0]):
         grey = np.repeat(prep.windowed[s][..., None], 3, axis=2)
-        cam = np.asarray(Image.fromarray(maps[s]).resize((size, size), Image.Resampling.BILINEAR))
+        cam = maps[s]  # already at the slice size
         heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
         alpha = 0.45 * np.clip(cam, 0, 1)[..., None]
         rgb = (1 - alpha) * grey + alpha * heat

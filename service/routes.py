@@ -85,7 +85,9 @@ async def model_infer(request: Request) -> JSONResponse:
     oip = _oip()
     try:
         if "inference-header-content-length" in request.headers:
-            raise RequestError("binary tensor data is not supported over REST; send JSON 'data' (or use gRPC)")
+            raise RequestError(
+                "binary tensor data is not supported over REST; send JSON 'data' (or use gRPC)"
+            )
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -100,18 +102,26 @@ async def model_infer(request: Request) -> JSONResponse:
             name = str(tensor.get("name", ""))
             if name in inputs:
                 raise RequestError("input given twice", field=name)
-            inputs[name] = (str(tensor.get("datatype", "")).upper(), json_input_to_numpy(tensor, max_elements=max_elements))
+            inputs[name] = (
+                str(tensor.get("datatype", "")).upper(),
+                json_input_to_numpy(tensor, max_elements=max_elements),
+            )
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise RequestError("'parameters' must be a JSON object", field="parameters")
         requested = [str(o.get("name")) for o in body.get("outputs") or [] if isinstance(o, dict)] or None
-        outputs = await oip.infer(p["name"], p.get("version"), inputs, parameters, requested, bytes_decoder=decode_json_bytes)
+        outputs = await oip.infer(
+            p["name"], p.get("version"), inputs, parameters, requested, bytes_decoder=decode_json_bytes
+        )
     except ModelNotFound as exc:
         return JSONResponse({"error": str(exc)}, status_code=404)
     except InputError as exc:
         status = http_status(exc)
         log_rejection("oip-rest", exc, status)
         return JSONResponse(error_body(exc), status_code=status)
+    except Exception:
+        log.exception("OIP REST inference failed")
+        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
     info = await oip.pipeline.info()
     response: dict[str, Any] = {
         "model_name": p["name"],

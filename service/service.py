@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import bentoml
 import numpy as np
+from pydantic import Field
 
 from service import backend, http_api, routes
 from service.auth import BearerAuthMiddleware
@@ -39,7 +40,9 @@ class PDL1Graph:
     def __init__(self) -> None:
         self.model, self.tag = backend.load_model(S, self.model_ref)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
+    @bentoml.api(
+        batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms
+    )
     def predict(self, slices: np.ndarray) -> list[dict[str, Any]]:
         """Slices [N,S,3,H,W] (concatenated across requests) -> per patient {probability, cam or None}."""
         return backend.predict_batch(self.model, slices)
@@ -84,11 +87,16 @@ class PDL1:
         self, image: Path, mask: Path, return_cam: bool = False, cam_format: Literal["nifti", "png"] = "nifti"
     ) -> PredictResponse:
         """Multipart upload: `image` (NIfTI, NRRD, MHA or zip of one DICOM series) and its tumour `mask`."""
-        return await http_api.predict(self.pipeline, image, mask, return_cam=return_cam, cam_format=cam_format)
+        return await http_api.predict(
+            self.pipeline, image, mask, return_cam=return_cam, cam_format=cam_format
+        )
 
     @bentoml.api(route="/predict_preprocessed")
     async def predict_preprocessed(
-        self, slices: list[Any] | None = None, npy: Path | None = None
+        self,
+        slices: list[Any] | None = None,
+        # A list because BentoML 1.4 cannot make an optional file part (`Path | None` breaks its schema).
+        npy: list[Path] = Field(default_factory=list, description="One .npy file (instead of `slices`)."),
     ) -> PreprocessedResponse:
         """The network input [S,3,H,W] (or [N,S,3,H,W]) as JSON `slices` or an uploaded `.npy` file."""
         return await http_api.predict_preprocessed(self.pipeline, slices, npy)

@@ -25,6 +25,9 @@ def atomic_path(target: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

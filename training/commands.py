@@ -118,6 +118,14 @@ def study_run(
 @study_app.command("report")
 def study_report(run_dir: Path = typer.Argument(..., help="A finished run directory.")) -> None:
     """Rebuild report.html / report.md from a finished run without recomputing."""
+    from core.errors import InputError
     from training.report import build_report
 
-    typer.echo(str(build_report(run_dir)))
+    if not (run_dir / "metrics.json").is_file():
+        typer.secho(f"error: {run_dir}: not a finished run directory (no metrics.json)", err=True, fg="red")
+        raise typer.Exit(2)
+    try:
+        typer.echo(str(build_report(run_dir)))
+    except InputError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc

@@ -39,7 +39,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             raise  # unreachable: abort raises
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
@@ -85,9 +87,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs[tensor.name] = (tensor.datatype.upper(), array)
         parameters = {k: param_value(v) for k, v in request.parameters.items()}
         requested = [o.name for o in request.outputs] or None
-        outputs = await self.models.infer(request.model_name, request.model_version or None, inputs, parameters, requested)
+        outputs = await self.models.infer(
+            request.model_name, request.model_version or None, inputs, parameters, requested
+        )
         info = await self.models.pipeline.info()
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=info.version, id=request.id)
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=info.version, id=request.id
+        )
         use_raw = bool(raw)
         for out in outputs:
             tensor, content = numpy_to_grpc_output(out.name, out.datatype, out.data, raw=use_raw)

@@ -176,7 +176,9 @@ class OipModels:
                 field="mask",
             )
         decode = bytes_decoder or (lambda item, _name: bytes(item))
-        hints = {k: neutral_name(k, str(parameters.get(f"{k}_format", "")) or None) for k in ("image", "mask")}
+        hints = {
+            k: neutral_name(k, str(parameters.get(f"{k}_format", "")) or None) for k in ("image", "mask")
+        }
 
         async def one(i: int) -> Any:
             image = decode(arrays["image"][i], "image")
@@ -207,4 +209,3 @@ def _expect_inputs(inputs: dict[str, Any], expected: set[str]) -> None:
         if extra:
             parts.append(f"unexpected input(s) {extra}")
         raise RequestError("; ".join(parts) + f"; expected {sorted(expected)}", field="inputs")
-

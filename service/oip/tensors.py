@@ -56,7 +56,9 @@ def check_shape(name: str, shape: list[int] | tuple[int, ...], max_elements: int
         raise RequestError(f"shape {dims} has a negative dimension", field=name)
     count = int(np.prod(dims, dtype=np.float64)) if dims else 1
     if count > max_elements:
-        raise PayloadTooLarge(f"shape {dims} has {count:,} elements, above the {max_elements:,} limit", field=name)
+        raise PayloadTooLarge(
+            f"shape {dims} has {count:,} elements, above the {max_elements:,} limit", field=name
+        )
     return count
 
 
@@ -94,9 +96,10 @@ def grpc_input_to_numpy(
         flat[:] = items
     elif raw is not None:
         dtype = np.dtype(NUMPY_DTYPES[datatype]).newbyteorder("<")
-        if len(raw) != count * dtype.itemsize:
+        needed = count * dtype.itemsize
+        if len(raw) != needed:
             raise RequestError(
-                f"raw content has {len(raw)} bytes; shape {shape} of {datatype} needs {count * dtype.itemsize}",
+                f"raw content has {len(raw)} bytes; shape {shape} of {datatype} needs {needed}",
                 field=name,
             )
         flat = np.frombuffer(raw, dtype=dtype).astype(NUMPY_DTYPES[datatype])
@@ -149,7 +152,9 @@ def json_input_to_numpy(tensor: dict[str, Any], *, max_elements: int) -> np.ndar
         try:
             flat = np.asarray(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
         except (TypeError, ValueError) as exc:
-            raise RequestError(f"data is not a {datatype} array ({exc.__class__.__name__})", field=name) from exc
+            raise RequestError(
+                f"data is not a {datatype} array ({exc.__class__.__name__})", field=name
+            ) from exc
         if flat.size != count:
             raise RequestError(f"has {flat.size} elements but shape {shape} needs {count}", field=name)
     return flat.reshape(shape)
@@ -174,7 +179,9 @@ def decode_json_bytes(item: Any, name: str) -> bytes:
     try:
         return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RequestError("BYTES elements must be base64-encoded file contents over JSON", field=name) from exc
+        raise RequestError(
+            "BYTES elements must be base64-encoded file contents over JSON", field=name
+        ) from exc
 
 
 def param_value(param: pb.InferParameter) -> Any:

@@ -95,6 +95,9 @@ def test_cpu_default_is_int8_and_fp32_is_selectable(export: Path) -> None:
     assert m32.threshold == 0.5 and m32.has_graph_cam and m32.tag == "tiny:v1"
     assert m32.preprocess_config.size == SIZE
     assert m32.warmup((1, 2)) > 0
+    bound = m32._run_bound(x, "cpu")  # the IO-binding path CUDA uses, on CPU memory
+    for name in ("probability", "cam"):
+        np.testing.assert_allclose(bound[name], out[name], atol=1e-7)
     with pytest.raises(InputError, match="not published"):
         InferenceModel.load(export, variant="fp16", providers=[CPU])
 

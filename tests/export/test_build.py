@@ -166,3 +166,44 @@ def test_all_variants_only_passing_ones_are_published(run_dir: Path, tmp_path: P
     # the default CPU variant follows what was published
     loaded = InferenceModel.load(tmp_path / "all", providers=[CPU])
     assert loaded.variant == ("int8" if published else "fp32")
+
+
+def test_validation_inputs_are_re_preprocessed_from_the_run_manifest(tmp_path: Path, monkeypatch) -> None:
+    """Without features/slices/ the slices are re-made (shared preprocessing) from run.json's manifest."""
+    from core.preprocessing import PreprocessConfig, preprocess_files
+    from export.build import load_validation_inputs
+
+    monkeypatch.setenv("PDL1_CACHE_DIR", str(tmp_path / "cache"))
+    rows = []
+    for i, cohort in enumerate(["training", "internal_validation"]):
+        image, mask, _ = phantom((16, 40, 40), seed=i)
+        sitk.WriteImage(image, str(tmp_path / f"img{i}.nii.gz"))
+        sitk.WriteImage(mask, str(tmp_path / f"mask{i}.nii.gz"))
+        rows.append(f"P{i},{cohort},img{i}.nii.gz,mask{i}.nii.gz,{i % 2}")
+    (tmp_path / "manifest.csv").write_text("patient_id,cohort,image,mask,label\n" + "\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "features").mkdir()
+    config = PreprocessConfig(n_slices=2)
+    info = {"weights": {"kind": "random"}, "preprocessing": config.model_dump(mode="json")}
+    (run / "models" / "extractor.json").write_text(json.dumps(info))
+    (run / "run.json").write_text(json.dumps({"run_id": "r", "manifest": str(tmp_path / "manifest.csv")}))
+    (run / "models" / "dfsig.joblib").write_bytes(b"")  # not read: see below
+    with open(run / "features" / "features.npz", "wb") as fh:
+        np.savez(
+            fh,
+            ids=np.array(["P0", "P1"]),
+            X=np.zeros((2, 2048), np.float32),
+            cohort=np.array(["training", "internal_validation"]),
+            label=np.array([0, 1]),
+        )
+
+    class _Model:  # read_run only needs these attributes here
+        feature_indices, feature_names, pipeline, model_name = np.array([0]), ["f0"], None, "lr"
+
+    monkeypatch.setattr("joblib.load", lambda path: _Model())
+    got = load_validation_inputs(run, patient_ids=["P1"])
+    expected = preprocess_files(tmp_path / "img1.nii.gz", tmp_path / "mask1.nii.gz", config).slices
+    assert got.ids.tolist() == ["P1"] and got.cohorts.tolist() == ["internal_validation"]
+    assert got.labels.tolist() == [1]
+    np.testing.assert_array_equal(got.slices[0], expected)

@@ -72,7 +72,9 @@ def build_small_export(out: Path, *, seed: int = 0, threshold: float = 0.5) -> P
         exporter=built.exporter,
         files=hash_files(out, files),
         variants={
-            "fp32": VariantInfo(file="model.fp32.onnx", published=True, precision="float32", target="CPU/CUDA")
+            "fp32": VariantInfo(
+                file="model.fp32.onnx", published=True, precision="float32", target="CPU/CUDA"
+            )
         },
         intended_use="tests only",
         limitations=["random weights; fake labels"],

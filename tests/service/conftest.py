@@ -1,4 +1,4 @@
-"""Fixtures for the service tests: a small real export, tiny patient files, and real `bentoml serve` processes.
+"""Service test fixtures: a small real export, tiny patient files, and real `bentoml serve` processes.
 
 Servers run on 127.0.0.1 with free ports and a temporary BENTOML_HOME; each test module starts at most one
 (start-up costs tens of seconds on a small CPU) and stops it, whole process group, when the module ends.
@@ -115,8 +115,9 @@ def bentoml_home(tmp_path_factory: pytest.TempPathFactory, small_export: Path) -
     return home, import_to_store(small_export, home)
 
 
-def start_server(folder: Path, env_overrides: dict[str, str]) -> Server:
-    """Start `bentoml serve service.service:PDL1` on loopback and wait until /readyz answers 200."""
+def start_server(folder: Path, env_overrides: dict[str, str], *, via_cli: bool = False) -> Server:
+    """Start `bentoml serve service.service:PDL1` (or `pdl1 serve`, which wraps it) on loopback and wait
+    until /readyz answers 200."""
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDL1_")}
     env.update(
@@ -133,14 +134,25 @@ def start_server(folder: Path, env_overrides: dict[str, str]) -> Server:
     )
     log = folder / f"server_{http_port}.log"
     cmd = [str(BENTOML), "serve", "service.service:PDL1", "--host", "127.0.0.1", "--port", str(http_port)]
+    if via_cli:
+        cmd = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(http_port)]
+        cmd += ["--grpc-port", str(grpc_port)]
+        if "PDL1_MODEL_DIR" in env:
+            cmd += ["--model-dir", env.pop("PDL1_MODEL_DIR")]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(http=f"http://127.0.0.1:{http_port}", grpc=f"127.0.0.1:{grpc_port}", log=log, proc=proc, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = Server(
+        http=f"http://127.0.0.1:{http_port}", grpc=f"127.0.0.1:{grpc_port}", log=log, proc=proc, env=env
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not server.healthy():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_server(server)
-            raise RuntimeError(f"server did not become ready (rc={proc.returncode}):\n{server.log_text()[-6000:]}")
+            raise RuntimeError(
+                f"server did not become ready (rc={proc.returncode}):\n{server.log_text()[-6000:]}"
+            )
         time.sleep(2)
     return server
 
@@ -160,8 +172,8 @@ def stop_server(server: Server) -> None:
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     started: list[Server] = []
 
-    def make(env: dict[str, str]) -> Server:
-        server = start_server(tmp_path_factory.mktemp("server"), env)
+    def make(env: dict[str, str], *, via_cli: bool = False) -> Server:
+        server = start_server(tmp_path_factory.mktemp("server"), env, via_cli=via_cli)
         started.append(server)
         return server
 

@@ -49,7 +49,9 @@ def _predict(model: InferenceModel, patient: Patient, *, with_graph_cam: bool):
     image = patient.files["image_nii"]
     mask = patient.files["mask_nii"]
     return asyncio.run(
-        pipeline.predict_upload(image.read_bytes(), "image.nii.gz", mask.read_bytes(), "mask.nii.gz", return_cam=True)
+        pipeline.predict_upload(
+            image.read_bytes(), "image.nii.gz", mask.read_bytes(), "mask.nii.gz", return_cam=True
+        )
     )
 
 

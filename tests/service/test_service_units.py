@@ -36,7 +36,9 @@ from service.uploads import BodySizeLimitMiddleware, neutral_name
 
 
 def test_settings_read_prefixed_environment_and_name_bad_variables() -> None:
-    s = load_settings({"PDL1_MAX_BATCH_SIZE": "8", "PDL1_GRPC_PORT": "0", "PDL1_PROVIDERS": "A, B", "PDL1_MODEL_DIR": ""})
+    s = load_settings(
+        {"PDL1_MAX_BATCH_SIZE": "8", "PDL1_GRPC_PORT": "0", "PDL1_PROVIDERS": "A, B", "PDL1_MODEL_DIR": ""}
+    )
     assert (s.max_batch_size, s.grpc_port, s.provider_list, s.model_dir) == (8, 0, ["A", "B"], None)
     assert load_settings({}).model_tag == "pdl1:latest"
     with pytest.raises(ValueError, match="PDL1_MAX_BATCH_SIZE"):
@@ -64,7 +66,10 @@ def test_input_errors_map_to_http_status(exc: InputError, status: int) -> None:
 def test_error_body_never_contains_the_source_path() -> None:
     exc = InputError("file is truncated", source="/uploads/DOE_JOHN_123.nii.gz", field="image")
     body = error_body(exc)
-    assert "DOE_JOHN" not in str(body) and body == {"error": "field 'image': file is truncated", "field": "image"}
+    assert "DOE_JOHN" not in str(body) and body == {
+        "error": "field 'image': file is truncated",
+        "field": "image",
+    }
 
 
 def test_neutral_name_keeps_the_format_only() -> None:
@@ -163,10 +168,14 @@ def test_grpc_tensor_raw_and_typed_contents() -> None:
 
 
 def test_json_tensors() -> None:
-    x = json_input_to_numpy({"name": "s", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}, max_elements=10)
+    x = json_input_to_numpy(
+        {"name": "s", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}, max_elements=10
+    )
     assert x.shape == (2, 2) and x.dtype == np.float32
     with pytest.raises(RequestError, match="needs 4"):
-        json_input_to_numpy({"name": "s", "datatype": "FP32", "shape": [2, 2], "data": [1, 2]}, max_elements=10)
+        json_input_to_numpy(
+            {"name": "s", "datatype": "FP32", "shape": [2, 2], "data": [1, 2]}, max_elements=10
+        )
     with pytest.raises(RequestError, match="shape"):
         json_input_to_numpy({"name": "s", "datatype": "FP32", "shape": "2", "data": [1]}, max_elements=10)
     assert numpy_to_json_output("c", "BYTES", np.array([b"hi"], dtype=object))["data"] == ["aGk="]
@@ -216,3 +225,31 @@ def test_grpc_interceptor_protects_all_but_probes() -> None:
     assert live is True and status == health_pb2.HealthCheckResponse.SERVING
     assert denied == grpc.StatusCode.UNAUTHENTICATED
     assert name == "pdl1"
+
+
+# ------------------------------------------------------------------------------------ graph client retry
+
+
+def test_graph_call_is_retried_once_on_a_stale_connection() -> None:
+    import aiohttp
+
+    from service.pipeline import Pipeline
+
+    class FlakyGraph:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.calls = 0
+
+        async def describe(self) -> dict:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise aiohttp.ServerDisconnectedError()
+            return {"ok": True}
+
+    once = FlakyGraph(failures=1)
+    assert asyncio.run(Pipeline(lambda: once, load_settings({}))._call("describe")) == {"ok": True}
+    assert once.calls == 2
+    twice = FlakyGraph(failures=2)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        asyncio.run(Pipeline(lambda: twice, load_settings({}))._call("describe"))
+    assert twice.calls == 2

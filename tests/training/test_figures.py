@@ -73,20 +73,21 @@ def test_roc_legend_shows_auc_and_ci_from_metrics_and_curves_from_predictions(ru
 def test_nomogram_points_map_back_to_the_fusion_probability(run: Path) -> None:
     """Total points of a patient -> probability axis must equal the fusion model's prediction."""
     terms, intercept = fusion_nomogram_terms(run)
-    coefs = pd.read_csv(run / "tables" / "fusion_coefficients.csv").set_index("term")["coef"]
-    assert intercept == pytest.approx(coefs["Intercept"])
-    assert [t.name for t in terms] == ["dfsig_logit", "age"]
+    coefs = pd.read_csv(run / "tables" / "fusion_coefficients.csv")
+    assert [t.name.split(" (")[0] for t in terms] == coefs["term"].tolist()
     preds = pd.read_csv(run / "predictions.csv")
     train = preds[preds["cohort"] == "training"]
-    age = terms[1]
-    assert (age.low, age.high) == (train["age"].min(), train["age"].max())
+    for t in terms[1:]:  # clinical predictors: the training cohort's observed range
+        assert (t.low, t.high) == pytest.approx((train[t.name].min(), train[t.name].max()))
+    train = train.dropna()
     sc = nomogram_scales(terms, intercept)
-    row = train.iloc[3]
-    x = {"dfsig_logit": math.log(row["dfsig"] / (1 - row["dfsig"])), "age": row["age"]}
     ppl = sc["points_per_lp"]
-    total = sum(float(term_points(t, x[t.name], ppl)) for t in terms)
-    lp = sc["lp_at_zero"] + total / ppl
-    assert 1 / (1 + math.exp(-lp)) == pytest.approx(row["fusion"], rel=1e-6)
+    for _, row in train.head(5).iterrows():
+        x = {t.name: row[t.name] for t in terms[1:]}
+        x[terms[0].name] = math.log(row["dfsig"] / (1 - row["dfsig"]))
+        total = sum(float(term_points(t, x[t.name], ppl)) for t in terms)
+        lp = sc["lp_at_zero"] + total / ppl
+        assert 1 / (1 + math.exp(-lp)) == pytest.approx(row["fusion"], rel=1e-6)
     spans = [abs(float(term_points(t, t.high, ppl) - term_points(t, t.low, ppl))) for t in terms]
     assert max(spans) == pytest.approx(100.0)  # the widest predictor spans the 0-100 points scale
 
@@ -102,10 +103,11 @@ def test_missing_inputs_are_skipped_with_a_reason(run: Path, tmp_path: Path) -> 
     partial = tmp_path / "partial"
     shutil.copytree(run, partial)
     (partial / "tables" / "model_comparison.csv").unlink()
-    (partial / "tables" / "fusion_coefficients.csv").unlink()
+    (partial / "models" / "fusion.joblib").unlink()  # the table alone has no intercept
     figs = build_figures(partial)
     assert figs.skipped == {
         "model_comparison": "missing tables/model_comparison.csv",
-        "nomogram": "missing tables/fusion_coefficients.csv",
+        "nomogram": "ValueError: fusion_coefficients.csv has no intercept row and models/fusion.joblib "
+        "is missing",
     }
     assert "roc" in figs.files and not (partial / "figures" / "model_comparison.png").exists()

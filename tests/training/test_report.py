@@ -88,7 +88,7 @@ def test_report_has_paper_sections_banners_and_embedded_figures(run: Path, html:
     assert "SYNTHETIC COHORT" in html and "NOT clinical evidence" in html
     assert "RANDOM WEIGHTS" in html
     assert "Grad-CAM: not computed (cam/cam.json missing)" in html
-    assert "LinearExplainer" in html
+    assert json.loads((run / "shap" / "shap.json").read_text())["explainer"] in html
     n_images = html.count('src="data:image/png;base64,')
     assert n_images >= 10  # ROC, calibration, DCA, LASSO, comparison, nomogram, 4 SHAP
     md = (run / "report.md").read_text()
@@ -110,6 +110,8 @@ def test_report_makes_no_external_requests(html: str) -> None:
     parser.feed(html)
     assert parser.refs and all(r.startswith(("data:image/png;base64,", "#")) for r in parser.refs)
     assert "default-src 'none'" in html  # CSP: the browser would block anything else
+    style = html.split("<style>", 1)[1].split("</style>", 1)[0]
+    assert '"DejaVu Sans"' in style and "&#" not in style  # CSS inlined verbatim (not HTML-escaped)
 
 
 def test_real_clinical_cohort_has_no_synthetic_banner(tmp_path: Path) -> None:

@@ -118,11 +118,12 @@ def test_run_shap_writes_values_summary_and_figures(tmp_path: Path) -> None:
     assert len(table) == len(features["ids"])
     shap_cols = [c for c in table.columns if c.startswith("shap_")]
     assert len(shap_cols) == len(summary["mean_abs_shap_training"])
-    # the CSV reproduces the model output (base + sum), which is the DFSigM logit of predictions.csv
+    # the CSV holds the model output (= base + sum): DFSigM probability of predictions.csv, or its logit
     preds = pd.read_csv(run / "predictions.csv").set_index("patient_id").loc[table["patient_id"]]
-    np.testing.assert_allclose(
-        table["base_value"] + table[shap_cols].sum(axis=1), _logit(preds["dfsig"]), atol=1e-6
-    )
+    out_col = f"output_{summary['output_space']}"
+    expected = preds["dfsig"] if summary["output_space"] == "probability" else _logit(preds["dfsig"])
+    np.testing.assert_allclose(table[out_col], expected, atol=1e-6)
+    np.testing.assert_allclose(table["base_value"] + table[shap_cols].sum(axis=1), table[out_col], atol=1e-6)
     train = table["cohort"] == "training"
     np.testing.assert_allclose(
         [summary["mean_abs_shap_training"][c.removeprefix("shap_")] for c in shap_cols],
@@ -131,7 +132,6 @@ def test_run_shap_writes_values_summary_and_figures(tmp_path: Path) -> None:
     # waterfalls are the highest- and lowest-risk validation patients
     valid = table[~train]
     names = {v["patient_id"] for v in summary["waterfall_patients"].values()}
-    out_col = "output_log-odds"
     assert names == {
         valid.loc[valid[out_col].idxmax(), "patient_id"],
         valid.loc[valid[out_col].idxmin(), "patient_id"],
@@ -143,3 +143,23 @@ def test_run_shap_writes_values_summary_and_figures(tmp_path: Path) -> None:
         with Image.open(out / files[0]) as img:
             img.verify()
     assert json.loads((out / "shap.json").read_text())["status"] == "ok"
+
+
+def test_run_explainability_records_a_failed_part_and_keeps_the_other(tmp_path: Path) -> None:
+    from training.config import StudyConfig
+    from training.explain import run_explainability
+    from training.report import build_report
+
+    run = make_fake_run(tmp_path)
+    cohort = pd.read_csv(run / "predictions.csv")[["patient_id", "cohort", "label"]]  # no image/mask paths
+    result = run_explainability(run, cohort_df=cohort, config=StudyConfig())
+    assert result["shap"]["status"] == "ok"
+    assert result["cam"]["status"] == "failed" and "image" in result["cam"]["error"]
+    assert json.loads((run / "cam" / "cam.json").read_text())["status"] == "failed"
+    html = build_report(run).read_text()
+    assert "Grad-CAM: failed" in html and "SHAP summary" in html
+    off = StudyConfig.model_validate({"report": {"shap": False, "gradcam": False}})
+    assert run_explainability(run, cohort_df=cohort, config=off) == {
+        "shap": {"status": "disabled"},
+        "cam": {"status": "disabled"},
+    }

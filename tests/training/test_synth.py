@@ -119,7 +119,7 @@ def test_write_cohort_is_deterministic_and_worker_independent(tmp_path: Path) ->
     # The manifest is complete, loadable, leaks no hidden generator parameter, and the README warns.
     assert list(table.columns[:6]) == ["patient_id", "centre", "cohort", "image", "mask", "label"]
     assert not [c for c in table.columns if c.startswith("gen_")]
-    assert set(CLINICAL_COLUMNS) <= set(table.columns)
+    assert set(CLINICAL_COLUMNS) <= set(table.columns) and list(CLINICAL_COLUMNS) == synth.CLINICAL
     loaded = load_manifest(m1)
     assert set(loaded["cohort"]) <= set(COHORTS) and len(loaded) == 12
     readme = (tmp_path / "a" / "README.md").read_text()

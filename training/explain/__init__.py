@@ -18,7 +18,7 @@ import pandas as pd
 
 from core.errors import InputError
 from training.artifacts import write_csv, write_json
-from training.explain.gradcam_panels import cam_panels, select_cam_patients
+from training.explain.gradcam_panels import cam_panels, safe_name, select_cam_patients
 from training.explain.shap_values import ShapResult, compute_shap, shap_figures, shap_frame
 
 __all__ = [
@@ -60,7 +60,11 @@ def run_shap(run_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     valid = np.flatnonzero(cohorts != TRAINING)
     pool, pool_name = (valid, "validation") if valid.size else (train, "training")
     hi, lo = pool[np.argmax(result.output[pool])], pool[np.argmin(result.output[pool])]
-    waterfalls = {f"highest_risk_{data['ids'][hi]}": int(hi), f"lowest_risk_{data['ids'][lo]}": int(lo)}
+    # ids go into file names: keep them file-system safe (the JSON keeps the real id)
+    waterfalls = {
+        f"highest_risk_{safe_name(data['ids'][hi])}": int(hi),
+        f"lowest_risk_{safe_name(data['ids'][lo])}": int(lo),
+    }
     X_scaled = model.pipeline[0].transform(data["X"][:, model.feature_indices])
     figures = shap_figures(result, X_scaled, train_rows=train, waterfall_rows=waterfalls, out_dir=out)
     mean_abs = np.abs(result.values[train]).mean(axis=0)

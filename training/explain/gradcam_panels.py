@@ -108,7 +108,7 @@ def patient_cam(
     return ablation_cam(extractor, x, probability, size=size)[0], ABLATION_CAM_LABEL
 
 
-def _safe_name(patient_id: str) -> str:
+def safe_name(patient_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(patient_id)) or "patient"
 
 
@@ -164,8 +164,9 @@ def compute_patient_cam(
 
 def _overlay(ax: Any, pre: Preprocessed, maps: np.ndarray, s: int, *, cam: bool) -> None:
     ax.imshow(pre.windowed[s], cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
-    if cam:
-        ax.imshow(maps[s], cmap="jet", vmin=0, vmax=1, alpha=0.4, interpolation="bilinear")
+    if cam:  # the weakest 15 % left transparent so the anatomy under a focal map stays readable
+        shown = np.ma.masked_less(maps[s], 0.15)
+        ax.imshow(shown, cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
     if pre.mask_slices[s].any():
         ax.contour(pre.mask_slices[s], levels=[0.5], colors="#00FF00", linewidths=0.7)
     ax.set_axis_off()
@@ -214,7 +215,10 @@ def panel_figure(cams: Sequence[PatientCam], target: Path) -> Path:
             _overlay(row[1], c.pre, c.maps, s, cam=True)
             row[0].set_title(_title(c), fontsize=6.5, loc="left")
         methods = sorted({c.method for c in cams})
-        fig.suptitle("; ".join(methods) + "\nmask outline green; CAM normalised per patient", fontsize=7)
+        fig.suptitle(
+            "; ".join(methods) + "\nmask outline green; CAM normalised per patient, weakest 15 % not shown",
+            fontsize=7,
+        )
         fig.tight_layout()
         try:
             return write_with(target, lambda p: fig.savefig(p, format="png", dpi=200))
@@ -242,7 +246,7 @@ def cam_panels(
     index = []
     for patient in patients:
         c = compute_patient_cam(extractor, model, config, patient)
-        name = _safe_name(c.patient_id)
+        name = safe_name(c.patient_id)
         nifti = write_nifti(c.pre.map_to_image(c.maps), out_dir / f"{name}_cam.nii.gz")
         overlay = patient_figure(c, out_dir / f"{name}_overlay.png")
         written += [nifti, overlay]

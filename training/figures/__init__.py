@@ -73,7 +73,7 @@ def build_figures(run_dir: Path, *, nomogram_terms: Callable[[Path], tuple] | No
             return
         try:
             result.files[name] = make()
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             skip(name, f"{type(exc).__name__}: {exc}")
 
     metrics_path, pred_path = run_dir / "metrics.json", run_dir / "predictions.csv"
@@ -124,5 +124,10 @@ def build_figures(run_dir: Path, *, nomogram_terms: Callable[[Path], tuple] | No
         terms, intercept = loader(run_dir)
         return nomogram_figure(terms, intercept, out / "nomogram")
 
-    attempt("nomogram", [run_dir / "tables" / "fusion_coefficients.csv"], nomogram)
+    fusion_model = run_dir / "models" / "fusion.joblib"
+    attempt(
+        "nomogram",
+        [fusion_model if fusion_model.is_file() else run_dir / "tables" / "fusion_coefficients.csv"],
+        nomogram,
+    )
     return result

@@ -40,6 +40,11 @@ def fmt_auc(entry: Mapping[str, Any]) -> str:
     return f"{entry['auc']:.3f} ({ci[0]:.3f}–{ci[1]:.3f})"
 
 
+def _legend_below(ax: Axes, **kwargs: Any) -> None:
+    """Legends under the panel: inside, they hide the curves of small cohorts."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, title_fontsize=7, **kwargs)
+
+
 def _panels(n: int, height: float = 3.0) -> tuple[plt.Figure, list[Axes]]:
     fig, axes = plt.subplots(1, n, figsize=(3.1 * n, height), squeeze=False)
     return fig, list(axes[0])
@@ -57,14 +62,15 @@ def roc_axes(ax: Axes, frame: pd.DataFrame, cohort: str, cohort_metrics: Mapping
             continue
         fpr, tpr, _ = roc_curve(y, frame[m].to_numpy(dtype=float), drop_intermediate=False)
         label = f"{label_model(m)}: {fmt_auc(cohort_metrics['models'][m])}"
-        ax.step(fpr, tpr, where="post", color=model_color(m, i), label=label)
+        # straight segments between the ROC points: steps, and diagonals across tied scores (as pROC draws)
+        ax.plot(fpr, tpr, color=model_color(m, i), label=label)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=REFERENCE_COLOR)
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
     ax.set_xlabel("1 − specificity")
     ax.set_ylabel("Sensitivity")
     n, events = cohort_metrics.get("n"), cohort_metrics.get("events")
-    ax.set_title(f"{label_cohort(cohort)} (n={n}, {events} events)")
-    ax.legend(loc="lower right", title="AUC (95% CI)", title_fontsize=7)
+    ax.set_title(f"{label_cohort(cohort)}\n(n={n}, {events} events)")
+    _legend_below(ax, title="AUC (95% CI)")
 
 
 def roc_figure(
@@ -128,7 +134,7 @@ def calibration_figure(
             ax.set_xlabel("Predicted probability")
             ax.set_ylabel("Observed proportion")
             ax.set_title(label_cohort(c))
-            ax.legend(loc="upper left")
+            _legend_below(ax)
         return save_figure(fig, out_stem)
 
 
@@ -163,5 +169,5 @@ def decision_figure(
             ax.set_xlabel("Threshold probability")
             ax.set_ylabel("Net benefit")
             ax.set_title(label_cohort(c))
-            ax.legend(loc="upper right")
+            _legend_below(ax)
         return save_figure(fig, out_stem)

@@ -114,8 +114,12 @@ def nomogram_figure(
         )
         y -= 1
         lp_lo, lp_hi = sc["lp_at_zero"], sc["lp_at_zero"] + total_max / ppl
-        probs = [p for p in PROBABILITY_TICKS if lp_lo <= math.log(p / (1 - p)) <= lp_hi]
-        px = [(math.log(p / (1 - p)) - lp_lo) * ppl * scale for p in probs]
+        probs, px = [], []
+        for p in PROBABILITY_TICKS:
+            x = (math.log(p / (1 - p)) - lp_lo) * ppl * scale
+            if lp_lo <= math.log(p / (1 - p)) <= lp_hi and (not px or x - px[-1] >= 5.0):  # no overlaps
+                probs.append(p)
+                px.append(x)
         if px:
             _axis(ax, y, min(px), max(px), px, [f"{p:g}" for p in probs], "Predicted probability")
         else:

@@ -27,6 +27,7 @@ from training.report.tables import (
     dca_table,
     delong_table,
     fmt_num,
+    logistic_table,
     model_comparison_table,
     performance_table,
 )
@@ -101,7 +102,7 @@ def _csv_section_table(rf: RunFiles, sec: Section, name: str, title: str, note: 
     if frame is None:
         sec.warn(f"{title}: not available (tables/{name}.csv missing).")
     else:
-        sec.table(ReportTable.from_frame(name, title, frame, note))
+        sec.table(logistic_table(name, title, frame, note))
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -152,7 +153,11 @@ def _characteristics(rf: RunFiles, cohorts: list[str]) -> Section:
         sec.warn("predictions.csv missing: no cohort table.")
         return sec
     variables = rf.clinical_columns()
-    frame = characteristics_table(rf.predictions, variables, cohorts)
+    from training.cohort import CATEGORY_LEVELS, CLINICAL_COLUMNS
+
+    frame = characteristics_table(
+        rf.predictions, variables, cohorts, kinds=CLINICAL_COLUMNS, level_order=CATEGORY_LEVELS
+    )
     write_csv(rf.run_dir / "tables" / "cohort_characteristics.csv", frame, index=False)
     frame = frame.rename(columns={c: label_cohort(c) for c in cohorts})
     frame = frame.rename(
@@ -166,7 +171,7 @@ def _characteristics(rf: RunFiles, cohorts: list[str]) -> Section:
             "Continuous: median [IQR], two-sided Mann-Whitney U (training vs each validation cohort). "
             "Categorical: n (% of non-missing), chi-square without continuity correction, or Fisher's exact "
             "test for 2×2 tables with an expected count < 5. Missing values excluded from tests. "
-            "Continuous = numeric with more than 5 distinct values.",
+            "Variable types as declared for the manifest (training.cohort.CLINICAL_COLUMNS).",
         )
     )
     return sec

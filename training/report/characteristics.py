@@ -1,17 +1,18 @@
 """Cohort characteristics ("Table 1") with p-values of the training cohort against each validation cohort.
 
-Variables are the clinical columns of ``predictions.csv``. A numeric column with more than
-``max_levels`` distinct values is continuous: median [IQR], two-sided Mann-Whitney U test. Everything else
-is categorical: n (%) per level, chi-square test of independence without continuity correction, or
-Fisher's exact test for 2 x 2 tables with an expected count below 5. Missing values are not a level; they
-are counted in their own row and excluded from the tests. Pairwise tests (training vs each validation
-cohort) are what the paper reports: the question is whether each validation cohort resembles the
-cohort the model was fitted on.
+Variables are the clinical columns of ``predictions.csv``, typed by ``kinds`` (the study's
+``training.cohort.CLINICAL_COLUMNS``); an untyped numeric column with more than ``max_levels`` distinct
+values is continuous. Continuous: median [IQR], two-sided Mann-Whitney U test. Categorical: n (%) per
+level (in ``level_order`` when given), chi-square test of independence without continuity correction,
+or Fisher's exact test for 2 x 2 tables with an expected count below 5. Missing values are not a level;
+they are counted in their own row and excluded from the tests. Pairwise tests (training vs each
+validation cohort) are what the paper reports: the question is whether each validation cohort resembles
+the cohort the model was fitted on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,8 @@ def characteristics_table(
     *,
     label_col: str = "label",
     max_levels: int = 5,
+    kinds: Mapping[str, str] | None = None,
+    level_order: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """One row per statistic; columns: Characteristic, each cohort, p per validation cohort, Test."""
     groups = {c: predictions[predictions["cohort"] == c] for c in cohorts}
@@ -85,7 +88,10 @@ def characteristics_table(
     row("PD-L1 high (label 1), n (%)", cells, ps, test)
     for col in variables:
         data = {c: g[col] for c, g in groups.items()}
-        if is_continuous(predictions[col], max_levels):
+        kind = (kinds or {}).get(col)
+        if kind in ("numeric", "continuous") or (
+            kind is None and is_continuous(predictions[col], max_levels)
+        ):
             cells = {}
             for c, s in data.items():
                 q = s.dropna().quantile([0.25, 0.5, 0.75])
@@ -101,7 +107,10 @@ def characteristics_table(
                 p, test = _categorical_p(data[TRAINING], data[o])
                 ps[f"p (training vs {o})"] = fmt_p(p)
             row(f"{col}, n (%)", dict.fromkeys(groups, ""), ps, test)
-            for lv in sorted(predictions[col].dropna().unique().tolist(), key=str):
+            order = list((level_order or {}).get(col, ()))
+            present = predictions[col].dropna().unique().tolist()
+            known = [lv for lv in order if lv in present]
+            for lv in known + sorted((lv for lv in present if lv not in known), key=str):
                 cells = {}
                 for c, s in data.items():
                     n_valid = int(s.notna().sum())

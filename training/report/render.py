@@ -32,7 +32,7 @@ def _embedded(path: Path) -> dict[str, object]:
 def render_html(report: Report) -> str:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
-        autoescape=select_autoescape(["html", "j2"]),
+        autoescape=select_autoescape(["html"]),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -44,7 +44,7 @@ def render_html(report: Report) -> str:
         if b.kind == "figure" and b.image
     }
     css = (TEMPLATES / "report.css").read_text()
-    return env.get_template("report.html.j2").render(report=report, images=images, css=css)
+    return env.get_template("report.html").render(report=report, images=images, css=css)
 
 
 def _md_cell(text: str) -> str:

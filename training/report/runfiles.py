@@ -123,7 +123,42 @@ def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
 
 
 def fusion_nomogram_terms(run_dir: Path) -> tuple[list[NomogramTerm], float]:
-    """Nomogram terms of the fusion model from ``tables/fusion_coefficients.csv``.
+    """Nomogram terms and intercept of the run's fusion model.
+
+    ``models/fusion.joblib`` (a :class:`training.fusion.FusionModel`) through :func:`training.fusion.nomogram`
+    when present (training-cohort ranges, categorical levels, missing indicators); otherwise
+    :func:`nomogram_terms_from_table`.
+    """
+    path = Path(run_dir) / "models" / "fusion.joblib"
+    if not path.is_file():
+        return nomogram_terms_from_table(run_dir)
+    import joblib
+
+    from training.fusion import nomogram
+
+    model = joblib.load(path)
+    nom = nomogram(model)
+    score_term = getattr(model, "score_term", None)
+    transform = getattr(model, "score_transform", None)
+    terms, lowest = [], 0.0
+    for v in nom.variables:
+        contrib = np.asarray(v["coef_contribution"], dtype=float)
+        lowest += float(contrib.min())
+        name = str(v["name"])
+        if name == score_term and transform:
+            name = f"{name} (DFSigM {'log-odds' if transform == 'logit' else 'probability'})"
+        if v["kind"] == "continuous":
+            values = np.asarray(v["values"], dtype=float)
+            span = float(values[-1] - values[0])
+            slope = float(contrib[-1] - contrib[0]) / span if span else 0.0
+            terms.append(NomogramTerm(name=name, coef=slope, low=float(values[0]), high=float(values[-1])))
+        else:
+            terms.append(NomogramTerm(name=name, coef=1.0, levels=dict(zip(map(str, v["labels"]), contrib))))
+    return terms, float(nom.lp_at_zero) - lowest
+
+
+def nomogram_terms_from_table(run_dir: Path) -> tuple[list[NomogramTerm], float]:
+    """Nomogram terms of the fusion model from ``tables/fusion_coefficients.csv`` (needs an intercept row).
 
     Ranges of numeric predictors are the training cohort's observed range in ``predictions.csv`` (the
     column of that name, or ``logit(dfsig)`` for a DFSigM log-odds term); 0/1 terms (dummies) become
@@ -141,7 +176,7 @@ def fusion_nomogram_terms(run_dir: Path) -> tuple[list[NomogramTerm], float]:
     if pred.is_file():
         frame = pd.read_csv(pred)
         train = frame[frame["cohort"] == "training"] if "cohort" in frame else frame
-    intercept, terms = 0.0, []
+    intercept, terms = None, []
     for name, coef in zip(table[name_col].astype(str), table[coef_col].astype(float)):
         if name.strip().lower() in _INTERCEPT:
             intercept = float(coef)
@@ -157,6 +192,8 @@ def fusion_nomogram_terms(run_dir: Path) -> tuple[list[NomogramTerm], float]:
             )
     if not terms:
         raise ValueError("fusion_coefficients.csv lists no predictors")
+    if intercept is None:
+        raise ValueError("fusion_coefficients.csv has no intercept row and models/fusion.joblib is missing")
     return terms, intercept
 
 

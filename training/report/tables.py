@@ -81,6 +81,45 @@ def format_cell(column: str, value: Any) -> str:
     return str(value)
 
 
+def fmt_sig(v: Any, digits: int = 3) -> str:
+    """Odds ratios span many decades: 3 significant digits, scientific notation outside 0.001..10^4."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    v = float(v)
+    if v != 0 and not 1e-3 <= abs(v) < 1e4:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}"
+
+
+def logistic_table(id: str, title: str, frame: pd.DataFrame, note: str = "") -> ReportTable:
+    """A coefficient table (``training.clinical`` / ``training.fusion`` columns) as Variable | Term |
+    β (SE) | OR (95% CI) | p | p (variable) | n | note; other layouts are shown as they are."""
+    need = {"OR", "ci_low", "ci_high", "p"}
+    if not need <= set(frame.columns):
+        return ReportTable.from_frame(id, title, frame, note)
+    cols = ["Variable", "Term", "β (SE)", "OR (95% CI)", "p"]
+    has = {c: c in frame.columns for c in ("variable", "term", "coef", "se", "p_variable", "n", "note")}
+    cols += ["p (variable)"] * has["p_variable"] + ["n"] * has["n"] + ["Note"] * has["note"]
+    rows = []
+    for r in frame.to_dict("records"):
+        beta = f"{fmt_num(r.get('coef'))} ({fmt_num(r.get('se'))})" if has["coef"] else "–"
+        row = [
+            str(r.get("variable", "")),
+            str(r.get("term", "")),
+            beta,
+            f"{fmt_sig(r['OR'])} ({fmt_sig(r['ci_low'])}–{fmt_sig(r['ci_high'])})",
+            fmt_p(r["p"]),
+        ]
+        if has["p_variable"]:
+            row.append(fmt_p(r["p_variable"]))
+        if has["n"]:
+            row.append(format_cell("n", r["n"]).removesuffix(".000"))
+        if has["note"]:
+            row.append(format_cell("note", r["note"]))
+        rows.append(row)
+    return ReportTable(id, title, cols, rows, note)
+
+
 def _cohorts(metrics: Mapping[str, Any]) -> list[str]:
     from training.figures.style import COHORT_ORDER
 
