@@ -207,6 +207,7 @@ class EvalSet:
     labels: np.ndarray
     cohorts: np.ndarray
     reference: np.ndarray  # P(class 1) from the run's features.npz (what the study computed)
+    features: np.ndarray | None = None  # the study's selected raw features [N,K] (features.npz)
 
 
 @dataclass
@@ -289,9 +290,10 @@ def parts_from_run(
         labels=inputs.labels[rows],
         cohorts=inputs.cohorts[rows],
         reference=run.model.pipeline.predict_proba(x_eval)[:, col],
+        features=x_eval,
     )
     return ModelParts(
-        source=f"run:{run.run_dir}",
+        source=f"run:{run.run_dir} (run_id {run.run_id}, head {run.model.model_name})",
         extractor=load_extractor(run.run_dir),
         indices=idx,
         pipeline=run.model.pipeline,
@@ -379,6 +381,7 @@ class GraphCache:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._built: dict[bool, Any] = {}
         self._paths: dict[tuple[str, bool], Path] = {}
+        self._trunk_paths: dict[tuple[str, bool], Path] = {}
         self.build_seconds: dict[str, float] = {}
         self.notes: dict[str, str] = {}
 
@@ -415,33 +418,41 @@ class GraphCache:
         out = self.workdir / name
         t0 = time.perf_counter()
         if variant == "fp32":
-            model: onnx.ModelProto = built.model
+            trunk: onnx.ModelProto = built.trunk
         elif variant == "fp16":
             from export.variants import to_fp16
 
-            model = built.merge(to_fp16(built.trunk))
+            trunk = to_fp16(built.trunk)
         elif variant.startswith("int8-"):
             from export.variants import SliceCalibrationReader, to_int8
 
             reader = SliceCalibrationReader(self.parts.calibration, batch_size=1)
             cache = self.workdir / f"calibration{'_cam' if cam else ''}.json"
-            model = built.merge(
-                to_int8(built.trunk, reader, types=variant.split("-", 1)[1], cache_path=cache)
-            )
+            trunk = to_int8(built.trunk, reader, types=variant.split("-", 1)[1], cache_path=cache)
         else:
             raise ValueError(f"unknown variant {variant!r}")
-        save_model(model, str(out))
+        save_model(built.model if variant == "fp32" else built.merge(trunk), str(out))
         self.build_seconds[name] = round(time.perf_counter() - t0, 2)
         self._paths[key] = out
+        self._trunk_paths[key] = out.with_name(f"{out.stem}_trunk.onnx")
+        onnx.save_model(trunk, str(self._trunk_paths[key]))
         return out
 
+    def trunk_session(self, variant: str, *, cam: bool, threads: int | None = None) -> Any:
+        """The variant's trunk alone (slices -> selected raw features [N,K]): separates the precision's
+        effect on the features from the head's sensitivity to it."""
+        self.path(variant, cam=cam)
+        return self._session(self._trunk_paths[(variant, cam)], threads)
+
     def session(self, variant: str, *, cam: bool, threads: int | None = None) -> Any:
+        return self._session(self.path(variant, cam=cam), threads)
+
+    @staticmethod
+    def _session(path: Path, threads: int | None) -> Any:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(
-            str(self.path(variant, cam=cam)), opts, providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -1,12 +1,13 @@
 """Run every benchmark, then render BENCHMARKS.md's results section from the JSON files.
 
     make bench                     # python -m bench.run_all
-    make bench QUICK=1             # quick mode (env QUICK=1 or --quick): fewer sizes/repeats, no load test
+    make bench QUICK=1             # quick mode (env QUICK=1 or --quick): fewer sizes and repeats
     python -m bench.run_all --run RUN_DIR --study-run RUN267_DIR --export EXPORT_DIR --threads 1,2
     python -m bench.run_all --render-only        # re-render BENCHMARKS.md from bench/results/*.json
 
 Inputs (flags or environment): ``--run`` / PDL1_BENCH_RUN (training run for graph + CAM; default random
-weights), ``--study-run`` / PDL1_BENCH_STUDY_RUN (a finished `pdl1 study run` for the study timings),
+weights), ``--cam-run`` / PDL1_BENCH_CAM_RUN (CAM needs a linear head; default ``--run``), ``--study-run`` /
+PDL1_BENCH_STUDY_RUN (a finished `pdl1 study run` for the study timings),
 ``--export`` / PDL1_BENCH_EXPORT (export dir for the service load test; ``--build-export`` makes one
 from ``--run``). A benchmark whose inputs are missing is skipped with a message, one that fails is
 reported and the others still run; the exit status is 1 when any failed.
@@ -81,9 +82,11 @@ def _load_test(args: argparse.Namespace, export_dir: Path, image: Path, mask: Pa
         str(export_dir),
         "--compare-batching",
         "--concurrency",
-        "1,8" if args.quick else "1,8,32,64",
+        args.load_concurrency or ("1,8" if args.quick else "1,8,32,64"),
         "--requests",
-        "16" if args.quick else "64",
+        str(args.load_requests or (16 if args.quick else 64)),
+        "--max-seconds",
+        str(args.load_max_seconds),
         "--out",
         str(args.out / "load.json"),
     ]
@@ -116,7 +119,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else None
     with tempfile.TemporaryDirectory(prefix="pdl1-bench-") as tmp:
         tmpdir = Path(tmp)
-        parts = _step(status, "model parts", lambda: common.load_parts(args.run, quick=quick))
+        parts = _step(
+            status,
+            "model parts",
+            lambda: common.load_parts(args.run, quick=quick, eval_patients=args.agreement_patients),
+        )
         graphs = common.GraphCache(parts, tmpdir / "graphs") if parts is not None else None
         if parts is not None and "graph" not in args.skip:
             _step(
@@ -134,22 +141,31 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     graphs=graphs,
                 ),
             )
-        if parts is not None and "cam" not in args.skip:
-            _step(
-                status,
-                "cam",
-                lambda: cam.run(
-                    patients=(1,) if quick else (1, 4),
-                    int8=not quick,
-                    repeats=2 if quick else 5,
-                    budget_s=20.0 if quick else 90.0,
-                    threads=threads[0] if threads else None,
-                    quick=quick,
-                    out_dir=args.out,
-                    parts=parts,
-                    graphs=graphs,
-                ),
-            )
+        if "cam" not in args.skip:
+            cam_parts, cam_graphs = parts, graphs
+            if args.cam_run and args.cam_run != args.run:  # e.g. a run whose head is linear
+                cam_parts = _step(
+                    status,
+                    "cam model parts",
+                    lambda: common.load_parts(args.cam_run, quick=quick, eval_patients=4),
+                )
+                cam_graphs = common.GraphCache(cam_parts, tmpdir / "cam_graphs") if cam_parts else None
+            if cam_parts is not None:
+                _step(
+                    status,
+                    "cam",
+                    lambda: cam.run(
+                        patients=(1,) if quick else (1, 4),
+                        int8=not quick,
+                        repeats=2 if quick else 5,
+                        budget_s=20.0 if quick else 90.0,
+                        threads=threads[0] if threads else None,
+                        quick=quick,
+                        out_dir=args.out,
+                        parts=cam_parts,
+                        graphs=cam_graphs,
+                    ),
+                )
         files = tmpdir / "volumes"
         if "preprocess" not in args.skip:
             _step(
@@ -266,15 +282,29 @@ def _render_graph(g: dict[str, Any]) -> list[str]:
             r["batch_slices"],
             r["path"],
             r["median_s"],
+            r["min_s"],
             r["n"],
             r["slices_per_s"],
             r["speedup_vs_torch"],
+            r.get("speedup_vs_best_torch"),
             r["max_abs_dprob_vs_torch"],
         ]
         for r in g["rows"]
     ]
     out += _table(
-        ["threads", "batch", "path", "median s", "n", "slices/s", "× torch", "max abs Δp vs torch"], rows
+        [
+            "threads",
+            "batch",
+            "path",
+            "median s",
+            "min s",
+            "n",
+            "slices/s",
+            "× torch",
+            "× fastest torch",
+            "max abs Δp vs torch",
+        ],
+        rows,
     )
     for name, reason in g.get("unavailable", {}).items():
         out.append(f"- {name}: unavailable ({reason[:200]})")
@@ -292,6 +322,13 @@ def _render_graph(g: dict[str, Any]) -> list[str]:
                 daucs = "; ".join(f"{c} {_fmt(x['dauc'], 4)}" for c, x in v["cohorts"].items())
                 arows.append([name, v["max_abs_dprob"], daucs])
         out += _table(["variant", "max abs Δp", "ΔAUC per cohort"], arows)
+        feats = agree.get("selected_features") or {}
+        if feats:
+            out.append(
+                "Selected features (the trunk alone, same patients), difference relative to the scale:"
+            )
+            out += [f"- {k}: max {_fmt(v['max_rel'])}, mean {_fmt(v['mean_rel'])}" for k, v in feats.items()]
+            out.append("")
     if g.get("build_seconds"):
         out.append(f"Build times (s, export code): {g['build_seconds']}")
         out.append("")
@@ -309,8 +346,8 @@ def _render_preprocess(p: dict[str, Any]) -> list[str]:
     )
     out.append("")
     out += _table(
-        ["path", "median s", "n", "× full (crop_first=True)"],
-        [[r["path"], r["median_s"], r["n"], r["speedup_vs_full_crop_first"]] for r in p["rows"]],
+        ["path", "median s", "min s", "n", "× full (crop_first=True)"],
+        [[r["path"], r["median_s"], r["min_s"], r["n"], r["speedup_vs_full_crop_first"]] for r in p["rows"]],
     )
     out.append(f"Agreement of the network inputs: {p['agreement']}")
     out.append("")
@@ -331,6 +368,7 @@ def _render_cam(c: dict[str, Any]) -> list[str]:
             r["patients"],
             r["path"],
             r["median_s"],
+            r["min_s"],
             r["n"],
             *[r[k] for k in keys],
             r["ratio_vs_torch_inference"],
@@ -341,12 +379,20 @@ def _render_cam(c: dict[str, Any]) -> list[str]:
         "patients",
         "path",
         "median s",
+        "min s",
         "n",
         *[k.replace("ratio_vs_", "÷ ") for k in keys],
         "÷ torch inference",
     ]
     out += _table(header, rows)
-    out.append(f"CAM agreement (normalised in-graph CAM vs Grad-CAM, 7×7): {c['agreement']}")
+    out.append("CAM agreement (in-graph CAM after ReLU vs Grad-CAM, both min-max normalised per patient):")
+    for size, agree in c["agreement"].items():
+        diffs = ", ".join(
+            f"{k.removeprefix('max_abs_diff_normalised_')} {_fmt(v)}"
+            for k, v in agree.items()
+            if k.startswith("max_abs")
+        )
+        out.append(f"- {size}, maps {agree['cam_shape']}: max abs difference {diffs}")
     out.append("")
     return out + _targets(c)
 
@@ -397,10 +443,28 @@ def _render_load(ld: dict[str, Any], graph_result: dict[str, Any] | None) -> lis
     return out
 
 
+def _render_summary(results: Path) -> list[str]:
+    """All target checks of all result files in one table (details in each section below)."""
+    rows = []
+    for name in ("graph", "cam", "preprocess"):
+        res = _read(results, name)
+        for t in (res or {}).get("targets", []):
+            flag = {True: "pass", False: "FAIL", None: "n/a"}[t["passed"]]
+            rows.append([name, t["what"], _fmt(t["value"]), f"{t['op']} {t['threshold']}", flag])
+    if not rows:
+        return []
+    return [
+        "### Targets at a glance",
+        "",
+        *_table(["benchmark", "check", "measured", "target", "result"], rows),
+    ]
+
+
 def render(results: Path, markdown: Path) -> Path:
     """Replace the generated section of ``markdown`` with tables from ``results/*.json``."""
     parts = ["## Results (measured)", ""]
     g = _read(results, "graph")
+    parts += _render_summary(results)
     found = False
     for name, fn in (("graph", _render_graph), ("cam", _render_cam), ("preprocess", _render_preprocess)):
         res = g if name == "graph" else _read(results, name)
@@ -434,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", default=_truthy(os.environ.get("QUICK")))
     p.add_argument("--run", default=os.environ.get("PDL1_BENCH_RUN"), help="Training run for graph and CAM.")
+    p.add_argument(
+        "--cam-run",
+        default=os.environ.get("PDL1_BENCH_CAM_RUN"),
+        help="Run for the CAM benchmark (default --run).",
+    )
     p.add_argument("--study-run", default=os.environ.get("PDL1_BENCH_STUDY_RUN"))
     p.add_argument("--cached-rerun", action="store_true", help="Also re-run the study with a warm cache.")
     p.add_argument(
@@ -441,6 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--build-export", action="store_true", help="Build an export from --run for the load test."
+    )
+    p.add_argument(
+        "--load-concurrency", default=None, help="Load test levels (default 1,8,32,64; quick 1,8)."
+    )
+    p.add_argument("--load-requests", type=int, default=None, help="Most requests per level (default 64).")
+    p.add_argument("--load-max-seconds", type=float, default=120.0, help="Per level, passed to bench.load.")
+    p.add_argument(
+        "--agreement-patients", type=int, default=None, help="Run patients for graph agreement (default all)."
     )
     p.add_argument("--threads", default=None, help="Thread counts for graph (first one for CAM), e.g. 1,2.")
     p.add_argument("--skip", default="", help="Comma-separated: graph,cam,preprocess,study,load.")

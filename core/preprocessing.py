@@ -11,7 +11,8 @@ Steps (all declared in `PreprocessConfig`, which travels inside every exported m
 3. Choose `n_slices` slices: the largest-area tumour slice and its neighbours ('largest'), or slices
    spread evenly over the VOI ('uniform'). Slices stay inside the VOI: when it has fewer slices than
    `n_slices` the window is clamped and edge slices repeat (recorded in the geometry).
-4. Window `window_mg_ml` -> [0, 1] (clipped), resize to `size`², copy to 3 channels, ImageNet-normalise.
+4. Window `window_mg_ml` -> [0, 1] (clipped), resize to `size`², zero outside the VOI when `voi_only`,
+   copy to 3 channels, ImageNet-normalise. (`Preprocessed.windowed` keeps the unmasked slices for display.)
 
 `Preprocessed.map_to_image` inverts the geometry: a per-slice map (7×7 CAM or 224×224) lands on the
 ORIGINAL image grid, each slice covering its slab of thickness `spacing_mm[2]`.
@@ -43,7 +44,7 @@ class PreprocessConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: str = Field("1.0", description="Bumped whenever the produced arrays would change.")
+    version: str = Field("1.1", description="Bumped whenever the produced arrays would change.")
     spacing_mm: tuple[float, float, float] = Field(
         (0.8, 0.8, 2.5),
         description="Target (x, y, z) spacing. 0.8 mm is mid-range of clinical in-plane DECT spacing"
@@ -68,6 +69,11 @@ class PreprocessConfig(BaseModel):
         True, description="Resample only the VOI box (fast); False resamples the whole volume, then crops."
     )
     pad_value_mg_ml: float = Field(0.0, description="Value outside the image (water/air carry no iodine).")
+    voi_only: bool = Field(
+        True,
+        description="Set pixels outside the tumour VOI to the window's low end, so the network describes the"
+        " tumour rather than the stomach wall and fat around it (the study extracts features from the VOI).",
+    )
     antialias: bool = Field(
         True,
         description="Gaussian pre-filter on downsampled axes (sigma = (target/input - 1)/2 input voxels, as"
@@ -440,11 +446,13 @@ def _to_network(
     windowed = Resize(size, mode="bilinear", align_corners=False)(windowed)  # slices act as channels
     windowed = np.clip(convert_to_numpy(windowed, dtype=np.float32), 0.0, 1.0)
     mask_r = convert_to_numpy(Resize(size, mode="bilinear", align_corners=False)(voi), dtype=np.float32)
-    three = np.repeat(windowed[None], config.channels, axis=0)  # [3, S, H, W]: channel-first for MONAI
+    voi_r = (mask_r >= 0.5).astype(np.uint8)
+    source = windowed * voi_r if config.voi_only else windowed
+    three = np.repeat(source[None], config.channels, axis=0)  # [3, S, H, W]: channel-first for MONAI
     norm = NormalizeIntensity(
         subtrahend=np.asarray(config.mean, dtype=np.float32),
         divisor=np.asarray(config.std, dtype=np.float32),
         channel_wise=True,
     )(three)
     net = np.ascontiguousarray(convert_to_numpy(norm, dtype=np.float32).transpose(1, 0, 2, 3))
-    return windowed.astype(np.float32), (mask_r >= 0.5).astype(np.uint8), net
+    return windowed.astype(np.float32), voi_r, net

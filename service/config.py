@@ -28,7 +28,9 @@ class Settings(BaseModel):
     providers: str | None = Field(
         None, description="Comma-separated ORT providers, e.g. CPUExecutionProvider."
     )
-    max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most patients per graph call.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Adaptive batching: most patients per graph call (1: off)."
+    )
     max_latency_ms: int = Field(60_000, ge=1, description="Adaptive batching: latency budget per request.")
     graph_workers: int = Field(1, ge=1, description="Graph service workers (one per GPU).")
     graph_gpus: float = Field(0, ge=0, description="GPUs BentoML assigns to the graph service (0: none).")

@@ -40,8 +40,12 @@ class PDL1Graph:
     def __init__(self) -> None:
         self.model, self.tag = backend.load_model(S, self.model_ref)
 
+    # PDL1_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML rejects max_batch_size=1 when batchable).
     @bentoml.api(
-        batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms
+        batchable=S.max_batch_size > 1,
+        batch_dim=0,
+        max_batch_size=max(S.max_batch_size, 2),
+        max_latency_ms=S.max_latency_ms,
     )
     def predict(self, slices: np.ndarray) -> list[dict[str, Any]]:
         """Slices [N,S,3,H,W] (concatenated across requests) -> per patient {probability, cam or None}."""

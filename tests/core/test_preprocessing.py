@@ -27,13 +27,25 @@ def _denorm(slices: np.ndarray) -> np.ndarray:
 
 def test_shapes_dtype_and_imagenet_normalisation() -> None:
     image, mask, _ = phantom()
-    pre = preprocess(image, mask, PreprocessConfig())
+    pre = preprocess(image, mask, PreprocessConfig(voi_only=False))
     assert pre.slices.shape == (3, 3, 224, 224) and pre.slices.dtype == np.float32
     raw = _denorm(pre.slices)
     np.testing.assert_allclose(raw[:, 0], raw[:, 1], atol=1e-5)  # the same grey slice in every channel
     np.testing.assert_allclose(raw[:, 0], pre.windowed, atol=1e-5)
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
     assert pre.mask_slices.shape == (3, 224, 224) and pre.mask_slices[:, 112, 112].all()
+
+
+def test_voi_only_zeroes_the_network_input_outside_the_voi() -> None:
+    image, mask, _ = phantom()
+    keep = preprocess(image, mask, PreprocessConfig(voi_only=False))
+    only = preprocess(image, mask, PreprocessConfig(voi_only=True))
+    outside = keep.mask_slices == 0
+    raw_keep, raw_only = _denorm(keep.slices)[:, 0], _denorm(only.slices)[:, 0]
+    assert raw_keep[outside].max() > 0.05
+    np.testing.assert_allclose(raw_only[outside], 0.0, atol=1e-5)
+    np.testing.assert_allclose(raw_only[~outside], raw_keep[~outside], atol=1e-5)
+    np.testing.assert_allclose(only.windowed, keep.windowed)  # the display copy is never masked
 
 
 def test_window_maps_iodine_linearly_and_clips() -> None:

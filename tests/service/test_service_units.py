@@ -253,3 +253,20 @@ def test_graph_call_is_retried_once_on_a_stale_connection() -> None:
     with pytest.raises(aiohttp.ServerDisconnectedError):
         asyncio.run(Pipeline(lambda: twice, load_settings({}))._call("describe"))
     assert twice.calls == 2
+
+
+def test_load_bench_reads_the_batch_histogram_and_refuses_remote_hosts() -> None:
+    from bench.load import _check_loopback, batch_histogram
+
+    text = "\n".join(
+        [
+            "# HELP bentoml_service_adaptive_batch_size Service adaptive batch size",
+            'bentoml_service_adaptive_batch_size_sum{service_name="PDL1Graph",worker_index="1"} 40.0',
+            'bentoml_service_adaptive_batch_size_count{service_name="PDL1Graph",worker_index="1"} 4.0',
+            'bentoml_service_adaptive_batch_size_count{service_name="Other",worker_index="1"} 9.0',
+        ]
+    )
+    assert batch_histogram(text) == (40.0, 4.0)
+    _check_loopback("127.0.0.1")
+    with pytest.raises(SystemExit, match="loopback"):
+        _check_loopback("10.0.0.5")
