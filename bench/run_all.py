@@ -245,7 +245,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return [*out, ""]
 
 
@@ -272,7 +272,7 @@ def _render_graph(g: dict[str, Any]) -> list[str]:
     s = g["settings"]
     out = ["### Graph (torch eager vs ONNX Runtime, CPU)", "", _machine_line(g), ""]
     out.append(
-        f"Source: {s['source']}. Batch = slices ({s['batch_unit']}); {s['timing']}; "
+        f"Source: {s['source']}. Batch: {s['batch_unit']}; {s['timing']}; "
         f"threads {s['threads']}; the graph has the CAM output: {s['graph_has_cam_output']}."
     )
     out.append("")
@@ -349,7 +349,12 @@ def _render_preprocess(p: dict[str, Any]) -> list[str]:
         ["path", "median s", "min s", "n", "× full (crop_first=True)"],
         [[r["path"], r["median_s"], r["min_s"], r["n"], r["speedup_vs_full_crop_first"]] for r in p["rows"]],
     )
-    out.append(f"Agreement of the network inputs: {p['agreement']}")
+    a = p["agreement"]
+    out.append(
+        f"Agreement of the network inputs ({a['output_shape']}): max abs difference crop_first False vs True "
+        f"{_fmt(a['max_abs_diff_full_crop_first_false_vs_true'])}, VOI upload vs full volume "
+        f"{_fmt(a['max_abs_diff_voi_upload_vs_full'])}."
+    )
     out.append("")
     return out + _targets(p)
 
@@ -421,33 +426,59 @@ def _render_study(st: dict[str, Any]) -> list[str]:
     return out
 
 
+def _load_targets(ld: dict[str, Any], g: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Service targets at 32 clients: batching vs max_batch_size=1, and vs the bare graph (approximate:
+    service requests are patients of S slices, the graph benchmark's batch is in slices)."""
+    by = {(r.get("mode"), r.get("protocol"), r.get("concurrency")): r for r in ld.get("runs", [])}
+    out = []
+    s = (g or {}).get("agreement_on_run", {}).get("slices_per_patient")
+    rows = (g or {}).get("rows", [])
+    top_threads = max((r["threads"] for r in rows), default=None)
+    for proto in ("http", "grpc"):
+        on, off = by.get(("batching", proto, 32)), by.get(("max_batch_size=1", proto, 32))
+        if not (on and on.get("throughput_rps")):
+            continue
+        if off and off.get("throughput_rps"):
+            ratio = round(on["throughput_rps"] / off["throughput_rps"], 3)
+            out.append(common.target(ratio, ">=", 3.0, f"{proto}: batching / max_batch_size=1 at 32 clients"))
+        if not s:
+            continue
+        for path in ("ort-fp32", "ort-int8-u8s8"):
+            cands = [r for r in rows if r["path"] == path and r["threads"] == top_threads]
+            if cands:
+                bare = max(cands, key=lambda r: r["batch_slices"])
+                value = round(on["throughput_rps"] * s / bare["slices_per_s"], 3)
+                what = (
+                    f"{proto}: service slices/s at 32 clients / bare graph {path} "
+                    f"(batch {bare['batch_slices']} slices, {top_threads} threads)"
+                )
+                out.append(common.target(value, ">=", 0.8, what))
+    return out
+
+
 def _render_load(ld: dict[str, Any], graph_result: dict[str, Any] | None) -> list[str]:
     out = ["### Service (bench/load.py: HTTP vs gRPC, batching vs max_batch_size=1)", ""]
-    levels = ld.get("settings", {}).get("concurrency")
-    out.append(f"_{ld.get('started', '?')}; host {ld.get('host')}; concurrency levels {levels}_")
+    settings = ld.get("settings", {})
+    out.append(
+        f"_{ld.get('started', '?')}; host {ld.get('host')}; export {settings.get('model_dir')}; "
+        f"concurrency levels {settings.get('concurrency')}, at most {settings.get('requests')} requests per "
+        f"level; adaptive batching max_batch_size {settings.get('max_batch_size')}._"
+    )
     out.append("")
     runs = ld.get("runs", [])
     cols = ["mode", "protocol", "concurrency", "completed", "errors", "throughput_rps", "p50_ms", "p99_ms"]
     cols.append("mean_batch_size")
     out += _table(cols, [[r.get(k) for k in cols] for r in runs])
-    by = {(r.get("mode"), r.get("protocol"), r.get("concurrency")): r for r in runs}
-    for proto in ("http", "grpc"):
-        on, off = by.get(("batching", proto, 32)), by.get(("max_batch_size=1", proto, 32))
-        if on and off and on.get("throughput_rps") and off.get("throughput_rps"):
-            ratio = on["throughput_rps"] / off["throughput_rps"]
-            flag = "**pass**" if ratio >= 3 else "**FAIL**"
-            out.append(
-                f"- {flag} {proto}: batching / max_batch_size=1 at 32 clients = {ratio:.2f} (target >= 3)"
-            )
-    out.append("")
-    return out
+    return out + _targets({"targets": _load_targets(ld, graph_result)})
 
 
 def _render_summary(results: Path) -> list[str]:
     """All target checks of all result files in one table (details in each section below)."""
     rows = []
-    for name in ("graph", "cam", "preprocess"):
+    for name in ("graph", "cam", "preprocess", "load"):
         res = _read(results, name)
+        if name == "load" and res:
+            res = {"targets": _load_targets(res, _read(results, "graph"))}
         for t in (res or {}).get("targets", []):
             flag = {True: "pass", False: "FAIL", None: "n/a"}[t["passed"]]
             rows.append([name, t["what"], _fmt(t["value"]), f"{t['op']} {t['threshold']}", flag])

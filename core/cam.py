@@ -80,8 +80,8 @@ def upsample_maps(
     elif align == "stride":
 
         def axis(n_out: int, n_cells: int) -> torch.Tensor:
-            cell = torch.arange(n_out, dtype=torch.float32) / stride  # position in cell units
-            return cell * 2 / (n_cells - 1) - 1 if n_cells > 1 else torch.zeros(n_out)
+            cell = torch.arange(n_out, dtype=torch.float32, device=m.device) / stride  # in cell units
+            return cell * 2 / (n_cells - 1) - 1 if n_cells > 1 else torch.zeros(n_out, device=m.device)
 
         gy, gx = torch.meshgrid(axis(size[0], h), axis(size[1], w), indexing="ij")
         grid = torch.stack((gx, gy), dim=-1).expand(m.shape[0], *size, 2)

@@ -87,6 +87,14 @@ class PreprocessConfig(BaseModel):
             raise ValueError(f"must be positive, got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _v1_0_had_no_voi_only(cls, data: Any) -> Any:
+        """Configs dumped by version 1.0 predate `voi_only` and fed the whole crop to the network."""
+        if isinstance(data, dict) and data.get("version") == "1.0" and "voi_only" not in data:
+            return {**data, "voi_only": False}
+        return data
+
     @model_validator(mode="after")
     def _window_order(self) -> PreprocessConfig:
         if self.window_mg_ml[0] >= self.window_mg_ml[1]:
@@ -262,7 +270,7 @@ def preprocess(image: sitk.Image, mask: sitk.Image, config: PreprocessConfig | N
     crop_lo, crop_hi = crop_origin - sp / 2, crop_origin + (size - 0.5) * sp
     padded = bool(np.any(crop_lo < ext_lo - 1e-6) or np.any(crop_hi > ext_hi + 1e-6))
     if padded:
-        log.info("VOI box reaches beyond the image; padded with %.2f mg/mL", config.pad_value_mg_ml)
+        log.debug("VOI box reaches beyond the image; padded with %.2f mg/mL", config.pad_value_mg_ml)
 
     sigma = _antialias_sigma(image, sp) if config.antialias else np.zeros(3)
     if config.crop_first:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CamFormat = Literal["nifti", "png"]
 CAM_SOURCE_GRAPH = "graph"
 CAM_SOURCE_TORCH = "torch-gradcam"
+CAM_SOURCE_ABLATION = "torch-ablation-cam"  # non-differentiable heads (trees, k-NN): forward-only
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,17 @@ class ModelInfo:
             preprocess=PreprocessConfig.model_validate(d["preprocess"]),
             summary=dict(d),
         )
+
+    @property
+    def cam_source(self) -> str:
+        """Where a CAM for this model comes from: the graph (linear heads) or the torch path."""
+        return CAM_SOURCE_GRAPH if self.has_graph_cam else self.torch_cam_source
+
+    @property
+    def torch_cam_source(self) -> str:
+        """The torch path's method: Grad-CAM, or forward-only Ablation-CAM for non-differentiable heads."""
+        ablation = "Ablation" in str(self.summary.get("cam_method", ""))
+        return CAM_SOURCE_ABLATION if ablation else CAM_SOURCE_TORCH
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -236,7 +248,7 @@ class Pipeline:
             maps = await asyncio.to_thread(upsample_cam, np.asarray(out["cam"], dtype=np.float32), size)
         else:
             maps = np.asarray(await self._call("gradcam", prep.slices[None]), dtype=np.float32)[0]
-            pred.cam_source = CAM_SOURCE_TORCH
+            pred.cam_source = (await self.info()).torch_cam_source
         maps = normalise_cam(maps)
         if fmt == "png":
             pred.cam_png = await asyncio.to_thread(overlay_png, prep, maps)

@@ -44,7 +44,7 @@ async def model_summary(request: Request) -> JSONResponse:
     body = {
         **info.summary,
         "batching": {"max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms},
-        "cam_source": "graph" if info.has_graph_cam else "torch-gradcam",
+        "cam_source": info.cam_source,
     }
     return JSONResponse(body)
 

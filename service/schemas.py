@@ -24,8 +24,10 @@ class PredictResponse(BaseModel):
     timings_ms: dict[str, float]
     cam: str | None = Field(None, description="Base64: gzipped NIfTI on the input grid, or a PNG overlay.")
     cam_format: Literal["nifti", "png"] | None = None
-    cam_source: Literal["graph", "torch-gradcam"] | None = Field(
-        None, description="'graph': the ONNX graph's own CAM (linear heads); else Grad-CAM on the torch path."
+    cam_source: Literal["graph", "torch-gradcam", "torch-ablation-cam"] | None = Field(
+        None,
+        description="'graph': the ONNX graph's own CAM (linear heads); 'torch-gradcam': Grad-CAM on the torch"
+        " path; 'torch-ablation-cam': forward-only Ablation-CAM for heads that are not differentiable.",
     )
     cam_normalisation: str | None = None
 

@@ -82,8 +82,25 @@ def test_study_refuses_unfinished_run(tmp_path: Path) -> None:
         study.run(run_dir=tmp_path / "empty", out_dir=tmp_path)
 
 
+def _fake_load(results: Path) -> None:
+    runs = [
+        {
+            "mode": mode,
+            "protocol": proto,
+            "concurrency": 32,
+            "completed": 32,
+            "errors": 0,
+            "throughput_rps": rps,
+        }
+        for mode, rps in (("batching", 6.0), ("max_batch_size=1", 2.0))
+        for proto in ("http", "grpc")
+    ]
+    (results / "load.json").write_text(json.dumps({"settings": {"concurrency": [32]}, "runs": runs}))
+
+
 def test_render_keeps_hand_written_text_and_is_idempotent(tmp_path: Path) -> None:
     study.run(run_dir=_fake_run(tmp_path), out_dir=tmp_path / "res")
+    _fake_load(tmp_path / "res")
     md = tmp_path / "B.md"
     md.write_text(f"# Bench\n\nintro text\n\n{run_all.START}\nold\n{run_all.END}\n\n## GPU\nkept\n")
     run_all.render(tmp_path / "res", md)
@@ -93,6 +110,8 @@ def test_render_keeps_hand_written_text_and_is_idempotent(tmp_path: Path) -> Non
     assert once.startswith("# Bench\n\nintro text") and once.rstrip().endswith("## GPU\nkept")
     assert "old" not in once
     assert "| features | 120.000 |" in once
+    assert "**pass** http: batching / max_batch_size=1 at 32 clients: 3.000" in once  # 6.0 / 2.0 req/s
+    assert "| load | grpc: batching / max_batch_size=1 at 32 clients | 3.000 | >= 3.0 | pass |" in once
 
 
 @pytest.mark.slow
@@ -120,6 +139,8 @@ def test_graph_and_cam_tiny_random_model(tmp_path: Path) -> None:
     fp32 = [r for r in g["rows"] if r["path"] == "ort-fp32"]
     assert all(r["max_abs_dprob_vs_torch"] < 1e-3 for r in fp32)  # same graph, same numbers
     assert all(r["slices_per_s"] > 0 and r["speedup_vs_torch"] > 0 for r in g["rows"])
+    # one thread count: the fastest torch row of a batch is that batch's torch row
+    assert all(r["speedup_vs_best_torch"] == r["speedup_vs_torch"] for r in g["rows"])
     assert any("batch 8" in t["what"] and t["passed"] is None for t in g["targets"])  # batch 8 not run
 
     cam.run(

@@ -222,3 +222,12 @@ def _grid_like(image: sitk.Image, *, spacing: tuple[float, float, float]) -> sit
     ref.SetSpacing(spacing)
     ref.SetOrigin(tuple(lo + np.asarray(spacing) / 2))
     return ref
+
+
+def test_version_1_0_configs_keep_their_whole_crop_input():
+    """A manifest written before `voi_only` existed must not silently switch to VOI-only inputs."""
+    from core.preprocessing import PreprocessConfig
+
+    assert PreprocessConfig.model_validate({"version": "1.0"}).voi_only is False
+    assert PreprocessConfig.model_validate({"version": "1.0", "voi_only": True}).voi_only is True
+    assert PreprocessConfig.model_validate(PreprocessConfig().model_dump()).voi_only is True

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from sklearn.pipeline import Pipeline
 
+from bench.common import synthetic_slices
 from core.preprocessing import PreprocessConfig
 
 S = 2
@@ -18,22 +19,9 @@ N_TRAIN, N_VAL = 8, 4
 FEATURES = np.array([3, 77, 150, 301, 512, 640, 777, 1024, 1200, 1500, 1800, 2047])
 
 
-def blob_slices(n: int, s: int, seed: int, size: int = 224) -> np.ndarray:
-    """Structured [n,s,3,size,size] inputs (Gaussian blobs + noise, ImageNet-like range), not white noise:
-    patients then differ in texture the way images do, so the head has signal to fit."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    out = np.empty((n, s, 3, size, size), np.float32)
-    for i in range(n):
-        for j in range(s):
-            img = np.zeros((size, size), np.float32)
-            for _ in range(int(rng.integers(1, 5))):
-                cy, cx = rng.uniform(0.2, 0.8, 2) * size
-                r, a = rng.uniform(0.05, 0.25) * size, rng.uniform(0.3, 2.0)
-                img += a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-            img += rng.normal(0, rng.uniform(0.02, 0.3), img.shape).astype(np.float32)
-            out[i, j] = (img - 0.5) / 0.5
-    return out
+# Structured [n,s,3,size,size] inputs (Gaussian blobs + noise), shared with the benchmarks: patients then
+# differ in texture the way images do, so the head has signal to fit.
+blob_slices = synthetic_slices
 
 
 @dataclass

@@ -270,3 +270,27 @@ def test_load_bench_reads_the_batch_histogram_and_refuses_remote_hosts() -> None
     _check_loopback("127.0.0.1")
     with pytest.raises(SystemExit, match="loopback"):
         _check_loopback("10.0.0.5")
+
+
+def test_cam_source_names_the_method_actually_used() -> None:
+    from core.cam import ABLATION_CAM_LABEL, GRADCAM_LABEL
+    from core.preprocessing import PreprocessConfig
+    from service.pipeline import CAM_SOURCE_ABLATION, CAM_SOURCE_GRAPH, CAM_SOURCE_TORCH, ModelInfo
+
+    def info(has_graph_cam: bool, method: str) -> ModelInfo:
+        return ModelInfo(
+            "m:1",
+            "m",
+            "1",
+            0.5,
+            "fp32",
+            "CPUExecutionProvider",
+            has_graph_cam,
+            PreprocessConfig(),
+            {"cam_method": method},
+        )
+
+    assert info(True, "in-graph CAM").cam_source == CAM_SOURCE_GRAPH
+    assert info(True, "in-graph CAM").torch_cam_source == CAM_SOURCE_TORCH
+    assert info(False, GRADCAM_LABEL).cam_source == CAM_SOURCE_TORCH
+    assert info(False, ABLATION_CAM_LABEL).cam_source == CAM_SOURCE_ABLATION
