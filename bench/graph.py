@@ -155,11 +155,12 @@ def _time_batch(
     times = common.interleaved(
         cands, repeats=repeats, warmup=1, budget_s=budget_s, min_repeats=1 if quick else 2
     )
-    t_torch = float(np.median(times[TORCH]))
+    # ratios from the reported (rounded) medians, so every ratio in the JSON follows from its columns
+    t_torch = common.stats(times[TORCH])["median_s"]
     b = int(x.shape[0] * x.shape[1])
     rows = []
     for name, ts in times.items():
-        med = float(np.median(ts))
+        med = common.stats(ts)["median_s"]
         d = (
             None
             if name == TORCH
