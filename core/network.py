@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from core.errors import InputError
+from core.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,6 @@ class PatientFeatureNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- weights
-
-
-def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_dict_sha256(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -291,7 +283,7 @@ def build_extractor(weights: str, *, seed: int = 0) -> tuple[ResNet50Extractor, 
         raise InputError(
             f"unknown weights spec {weights!r}; use 'imagenet', 'file:PATH' or 'random'", field="weights"
         )
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     prefix = _verify_name_hash(path, digest)
     if kind == "imagenet" and prefix is None:
         raise InputError(

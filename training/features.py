@@ -45,12 +45,12 @@ from rich.progress import (
 from torch import nn
 
 from core.errors import InputError
+from core.manifest import sha256_file
 from core.network import (
     FEATURE_DIM,
     ResNet50Extractor,
     WeightsInfo,
     build_extractor,
-    file_sha256,
     recalibrate_batchnorm,
     state_dict_sha256,
 )
@@ -72,11 +72,11 @@ def path_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes; for a folder (DICOM series) of its sorted relative names and file hashes."""
     p = Path(path)
     if p.is_file():
-        return file_sha256(p)
+        return sha256_file(p)
     if p.is_dir():
         h = hashlib.sha256(b"dir:")
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(f"{f.relative_to(p).as_posix()}:{file_sha256(f)}\n".encode())
+            h.update(f"{f.relative_to(p).as_posix()}:{sha256_file(f)}\n".encode())
         return h.hexdigest()
     raise InputError("file not found", source=str(p))
 

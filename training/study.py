@@ -93,10 +93,12 @@ class StageTimer:
 
 def data_hashes(manifest_path: Path, cohort: pd.DataFrame) -> dict[str, str]:
     """SHA-256 of the manifest and every image/mask file (a run records exactly which data it saw)."""
+    from training.features import path_sha256  # files, and DICOM series folders
+
     hashes = {"manifest": sha256_file(manifest_path)}
     for row in cohort.itertuples():
-        hashes[f"{row.patient_id}/image"] = sha256_file(Path(row.image))
-        hashes[f"{row.patient_id}/mask"] = sha256_file(Path(row.mask))
+        hashes[f"{row.patient_id}/image"] = path_sha256(row.image)
+        hashes[f"{row.patient_id}/mask"] = path_sha256(row.mask)
     return hashes
 
 
