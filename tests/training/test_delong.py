@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from core.errors import InputError
+from tests.reference_data import load_asah
 from training.stats.delong import (
     auc_ci,
     auc_delong,
@@ -18,17 +17,12 @@ from training.stats.delong import (
     pairwise_delong,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 TOL = 1e-9  # pROC prints 15 significant digits; the acceptance criterion is 1e-6
 
 
 @pytest.fixture(scope="module")
 def asah() -> pd.DataFrame:
-    path = REFERENCE / "aSAH.csv"
-    if not path.is_file():
-        pytest.skip(f"reference data not found at {path} (the repository must sit next to shared/)")
-    df = pd.read_csv(path)
-    df["y"] = (df["outcome"] == "Poor").astype(int)  # cases = Poor outcome, pROC direction "<"
+    df = load_asah()  # cases = Poor outcome, pROC direction "<"
     assert df["y"].sum() == 41 and len(df) == 113
     return df
 

@@ -12,21 +12,17 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from core.errors import InputError
+from tests.reference_data import load_asah
 from training.stats.delong import auc_delong
 from training.stats.evaluate import evaluate_models, evaluate_table
 from training.stats.thresholds import youden_cutoff
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 AUC_REF = {"s100b": 0.731368563685637, "wfns": 0.823678861788618, "ndka": 0.611957994579946}
 
 
 @pytest.fixture(scope="module")
 def asah() -> pd.DataFrame:
-    path = REFERENCE / "aSAH.csv"
-    if not path.is_file():
-        pytest.skip(f"reference data not found at {path} (the repository must sit next to shared/)")
-    df = pd.read_csv(path)
-    df["y"] = (df["outcome"] == "Poor").astype(int)
+    df = load_asah()
     df["p_wfns"] = df["wfns"] / 6.0  # a monotone map into [0, 1]: same AUC, exercises calibration + DCA
     return df
 

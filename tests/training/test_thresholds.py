@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
 from core.errors import InputError
+from tests.reference_data import load_asah
 from training.stats.thresholds import confusion_metrics, threshold_metrics, youden_cutoff
-
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 
 
 def test_youden_on_asah_matches_proc_coords_example() -> None:
     # pROC's help page for coords(): roc(aSAH$outcome, aSAH$s100b) best threshold 0.205 with specificity
     # 0.8055556 and sensitivity 0.6341463 (not among shared/reference's values, quoted from pROC's docs).
-    path = REFERENCE / "aSAH.csv"
-    if not path.is_file():
-        pytest.skip(f"reference data not found at {path}")
-    df = pd.read_csv(path)
-    yc = youden_cutoff((df["outcome"] == "Poor").astype(int), df["s100b"])
+    df = load_asah()
+    yc = youden_cutoff(df["y"], df["s100b"])
     assert yc.cutoff == pytest.approx(0.205, abs=1e-12)
     assert yc.specificity == pytest.approx(58 / 72) and yc.sensitivity == pytest.approx(26 / 41)
 
