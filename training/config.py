@@ -37,7 +37,9 @@ class FeatureConfig(_Section):
         None, ge=8, description="Cap on training slices used for BN re-estimation (evenly spaced patients)."
     )
     batch_size: int = Field(16, ge=1, le=1024)
-    backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend for extraction.")
+    backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="onnx: ONNX Runtime (CPU, ~1.4x torch eager here); torch: eager (CPU or CUDA)."
+    )
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda | cuda:N")
 
 

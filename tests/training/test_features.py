@@ -242,8 +242,8 @@ def test_random_without_bn_recalibration_warns_and_records(
 
 
 def test_bad_requests_are_input_errors(manifest: pd.DataFrame) -> None:
-    with pytest.raises(InputError, match="not implemented"):
-        run_feature_extraction(manifest, CONFIG, weights="random", backend="onnx", progress=False)
+    with pytest.raises(InputError, match="use 'torch' or 'onnx'"):
+        run_feature_extraction(manifest, CONFIG, weights="random", backend="tensorrt", progress=False)
     with pytest.raises(InputError) as err:
         prepare_inputs(manifest.drop(columns=["mask"]), CONFIG, progress=False)
     assert err.value.field == "mask"
@@ -257,3 +257,17 @@ def test_bn_subsample_is_evenly_spaced_and_deterministic() -> None:
     assert picked == ["p0", "p4", "p9"] or picked == ["p0", "p5", "p9"]
     assert picked == [i.patient_id for i in tf._subsample(inputs, 9)]
     assert tf._subsample(inputs, None) == inputs and tf._subsample(inputs, 300) == inputs
+
+
+def test_onnx_backend_matches_torch_extractor() -> None:
+    """The ONNX Runtime fast path computes the same features as torch eager (same weights)."""
+    from core.network import build_extractor
+    from training.features import onnx_slice_net
+
+    extractor, _ = build_extractor("random", seed=3)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = extractor(x).numpy()
+    got = onnx_slice_net(extractor, image_size=64, threads=1)(x).numpy()
+    assert got.shape == (3, 2048)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
