@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import typer
+from rich.console import Console
 from rich.logging import RichHandler
 
 from export.commands import register as register_export
@@ -26,7 +27,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        # logs go to stderr: stdout carries the commands' results (JSON, tags, paths) for pipes
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
 
 

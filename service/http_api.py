@@ -21,7 +21,7 @@ from service.pipeline import ModelInfo, Pipeline, b64
 from service.schemas import ModelRef, PredictResponse, PreprocessedResponse
 from service.uploads import neutral_name
 
-LABEL_NAMES = {0: "PD-L1 negative", 1: "PD-L1 positive"}
+LABEL_NAMES = {0: "PD-L1 low", 1: "PD-L1 high"}  # as `pdl1 predict` and the study (CPS >= 1)
 
 
 def error_response(exc: InputError, channel: str = "http") -> JSONResponse:

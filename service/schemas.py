@@ -17,7 +17,7 @@ class ModelRef(BaseModel):
 
 class PredictResponse(BaseModel):
     probability: float = Field(description="Predicted probability of PD-L1 positivity.")
-    label: int = Field(description="1 when probability >= threshold (PD-L1 positive), else 0.")
+    label: int = Field(description="1 when probability >= threshold (PD-L1 high), else 0 (PD-L1 low).")
     label_name: str
     threshold: float = Field(description="Operating threshold stored with the model.")
     model: ModelRef

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import Patient
 
 from core.runtime import InferenceModel
 from service import backend
 from service.config import load_settings
 from service.pipeline import CAM_SOURCE_GRAPH, CAM_SOURCE_TORCH, Pipeline
+from tests.service.service_helpers import Patient
 
 pytestmark = pytest.mark.slow
 

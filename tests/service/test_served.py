@@ -20,12 +20,12 @@ import httpx
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SECRET_NAME, Patient, Server, nifti_bytes_to_image, png_size
 
 from core.io import read_image, read_mask
 from core.preprocessing import preprocess
 from core.runtime import InferenceModel
 from service.pipeline import normalise_cam, upsample_cam
+from tests.service.service_helpers import SECRET_NAME, Patient, Server, nifti_bytes_to_image, png_size
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

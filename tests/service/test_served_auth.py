@@ -16,7 +16,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import Patient, Server
+
+from tests.service.service_helpers import Patient, Server
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
