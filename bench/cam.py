@@ -199,9 +199,7 @@ def _print(result: dict[str, Any]) -> None:
             f"{r['ratio_vs_torch_inference']:>10.2f}"
         )
     print(f"agreement: {result['agreement']}")
-    for t in result["targets"]:
-        flag = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
-        print(f"  [{flag}] {t['what']}: {t['value']} ({t['op']} {t['threshold']})")
+    common.print_targets(result["targets"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -145,6 +145,13 @@ def stats(seconds: Sequence[float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- results
 
 
+def print_targets(targets: Sequence[dict[str, Any]]) -> None:
+    """One line per target check: PASS / FAIL / n/a (not measured in this run)."""
+    for t in targets:
+        flag = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
+        print(f"  [{flag}] {t['what']}: {t['value']} ({t['op']} {t['threshold']})")
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

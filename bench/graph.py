@@ -340,9 +340,7 @@ def _print(result: dict[str, Any]) -> None:
                 daucs = {c: x["dauc"] for c, x in v["cohorts"].items()}
                 print(f"  {name:<10} max|Δp| {v['max_abs_dprob']:.2e}  ΔAUC {daucs}")
         print(f"  selected features, relative difference: {agree.get('selected_features')}")
-    for t in result["targets"]:
-        flag = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
-        print(f"  [{flag}] {t['what']}: {t['value']} ({t['op']} {t['threshold']})")
+    common.print_targets(result["targets"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -231,9 +231,7 @@ def _print(result: dict[str, Any]) -> None:
     for r in result["rows"]:
         print(f"{r['path']:<42} {r['median_s']:>9.4f} {r['speedup_vs_full_crop_first']:>8.2f}")
     print(f"agreement: {result['agreement']}")
-    for t in result["targets"]:
-        flag = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
-        print(f"  [{flag}] {t['what']}: {t['value']} ({t['op']} {t['threshold']})")
+    common.print_targets(result["targets"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
