@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import InputError, IntegrityError
+from core.files import atomic_path
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -123,16 +123,8 @@ def write_manifest(manifest: ModelManifest, path: str | os.PathLike[str]) -> Pat
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(manifest.model_dump_json(indent=2) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service may run as another user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, mode=0o644) as tmp:  # 0644: the service may run as another user
+        tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     return path
 
 

@@ -157,17 +157,9 @@ def summarise(table: pd.DataFrame) -> dict[str, Any]:
 
 def write_validation_csv(tables: Sequence[pd.DataFrame], path: Path) -> Path:
     """Atomic write of the concatenated table."""
-    import os
-    import tempfile
+    from core.files import atomic_path
 
     frame = pd.concat(tables, ignore_index=True)
-    fd, tmp = tempfile.mkstemp(prefix=".validation.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o644) as tmp:  # 0644: the service may run as another user
         frame.to_csv(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service may run as another user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from core.cam import ABLATION_CAM_LABEL, GRADCAM_LABEL, GradCAM, ablation_cam, linear_head_score
 from core.errors import InputError
+from core.files import atomic_path
 from core.network import ResNet50Extractor
 from core.preprocessing import PreprocessConfig, Preprocessed, preprocess
 from training.artifacts import write_json, write_with
@@ -114,15 +113,9 @@ def safe_name(patient_id: str) -> str:
 
 def write_nifti(image: sitk.Image, target: Path) -> Path:
     """Compressed NIfTI, written atomically (ITK's NIfTI writer needs the .nii.gz suffix on the temp file)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{uuid.uuid4().hex}.tmp.nii.gz")
-    try:
+    with atomic_path(target, suffix=".tmp.nii.gz") as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return Path(target)
 
 
 def _load_pair(patient: Mapping[str, Any]) -> tuple[sitk.Image, sitk.Image]:
