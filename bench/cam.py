@@ -136,11 +136,7 @@ def run(
             log.info("%d patients done", n)
         build_seconds = dict(graphs.build_seconds)
     result = {
-        "benchmark": "cam",
-        "started": started,
-        "finished": common.now(),
-        "machine": machine,
-        "load_average_end": common.load_average(),
+        **common.result_header("cam", started, machine),
         "settings": {
             "source": parts.source,
             "slices_per_patient": int(src.shape[1]),

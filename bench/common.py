@@ -145,6 +145,17 @@ def stats(seconds: Sequence[float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- results
 
 
+def result_header(name: str, started: str, machine: dict[str, Any]) -> dict[str, Any]:
+    """The fields every results JSON starts with: what ran, when, where, and the load at the end."""
+    return {
+        "benchmark": name,
+        "started": started,
+        "finished": now(),
+        "machine": machine,
+        "load_average_end": load_average(),
+    }
+
+
 def print_targets(targets: Sequence[dict[str, Any]]) -> None:
     """One line per target check: PASS / FAIL / n/a (not measured in this run)."""
     for t in targets:

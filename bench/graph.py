@@ -228,11 +228,7 @@ def run(
         _add_best_torch(rows)
         build_seconds = dict(graphs.build_seconds)
     result = {
-        "benchmark": "graph",
-        "started": started,
-        "finished": common.now(),
-        "machine": machine,
-        "load_average_end": common.load_average(),
+        **common.result_header("graph", started, machine),
         "settings": {
             "source": parts.source,
             "batch_unit": "slices, fed as [batch, 1, 3, H, W] (one-slice patients)",

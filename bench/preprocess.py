@@ -182,12 +182,8 @@ def run(
         "output_shape": list(ref.shape),
     }
     result = {
-        "benchmark": "preprocess",
-        "started": started,
-        "finished": common.now(),
-        "machine": machine,
+        **common.result_header("preprocess", started, machine),
         "load_average_before_timing": load_before,
-        "load_average_end": common.load_average(),
         "settings": {
             "full_size_xyz": list(size),
             "spacing_mm": list(spacing),
