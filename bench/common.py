@@ -16,9 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from core.preprocessing import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +244,9 @@ class ModelParts:
     image_size: int
     calibration: np.ndarray  # training-cohort slices [n,S,3,H,W] for int8
     eval_set: EvalSet | None = None
+    # the run's preprocessing (window, mean/std that made eval_set.slices); None for random weights,
+    # whose synthetic slices are not windowed images
+    preprocess: PreprocessConfig | None = None
 
     def torch_probability(self, slices: np.ndarray) -> np.ndarray:
         """Reference: PatientFeatureNet (torch eager fp32) + the sklearn head (float64)."""
@@ -283,6 +289,7 @@ def parts_from_run(
     ``eval_patients=None`` takes every patient of the run (all cohorts) for agreement and per-cohort AUC;
     the reference probabilities are the run's own (features.npz), i.e. what the study's torch path gave.
     """
+    from core.preprocessing import PreprocessConfig
     from export.build import load_extractor, load_validation_inputs, read_run
     from export.graph import positive_class_index
 
@@ -320,6 +327,7 @@ def parts_from_run(
         image_size=int(pre.get("size", 224)),
         calibration=calibration,
         eval_set=eval_set,
+        preprocess=PreprocessConfig.model_validate(pre),
     )
 
 

@@ -14,6 +14,11 @@ head, i.e. what the study runs. Candidates are timed interleaved at each batch s
 
 Agreement: max |Δprobability| against torch eager on the timed inputs, and, with ``--run``, on the run's
 patients ([N,S] as the study saw them) against the study's own probabilities, with the AUC per cohort.
+
+Input precision sensitivity (with ``--run``): the ONNX Runtime fp32 graph on the same patients with its
+INPUT perturbed (Gaussian noise σ 1e-6 and 1e-4, rounded to float16, the [0, 1] window quantised to
+uint8), against the same graph on the unperturbed input: how much the model itself amplifies tiny input
+changes, i.e. how much of a low-precision variant's disagreement is the model's and not the kernels'.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,14 @@ DEFAULT_VARIANTS = ("fp32", "int8-u8s8", "int8-s8s8", "fp16")
 QUICK_VARIANTS = ("fp32", "int8-u8s8")
 PROB_TOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-2}
 AUC_TOL = 0.01
+SENSITIVITY_SEED = 0
+NOISE_SIGMAS = {"noise 1e-6": 1e-6, "noise 1e-4": 1e-4}
+PERTURBATIONS = {
+    "noise 1e-6": "Gaussian noise σ=1e-6 added to the normalised network input",
+    "noise 1e-4": "Gaussian noise σ=1e-4 added to the normalised network input",
+    "fp16 input": "network input rounded to float16 (a float16 transfer), back to float32",
+    "uint8 window input": "[0, 1] window quantised to uint8 (round(v·255)/255), normalised again",
+}
 
 
 def _family(variant: str) -> str:
@@ -60,11 +75,20 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def _run_patients(
-    session: Any, slices: np.ndarray, output: str = "probability", batch: int = 4
+    session: Any,
+    slices: np.ndarray,
+    output: str = "probability",
+    batch: int = 4,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
+    """``output`` for [N,S,...] patients, ``batch`` patients per call (``transform`` applied per call)."""
+
+    def feed(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x if transform is None else transform(x), dtype=np.float32)
+
     return np.concatenate(
         [
-            session.run([output], {"slices": np.ascontiguousarray(slices[i : i + batch])})[0]
+            session.run([output], {"slices": feed(slices[i : i + batch])})[0]
             for i in range(0, len(slices), batch)
         ]
     )
@@ -126,6 +150,118 @@ def agreement_on_run(parts: common.ModelParts, sessions: dict[str, Any]) -> dict
                 "dauc": None if auc is None or ref is None else round(auc - ref, 6),
             }
         out[name] = {"max_abs_dprob": float(np.max(np.abs(probs - ev.reference))), "cohorts": per}
+    return out
+
+
+# ------------------------------------------------------------------- input precision sensitivity
+
+
+def _per_channel(values: Sequence[float]) -> np.ndarray:
+    """Per-channel constants shaped to broadcast over ``[..., C, H, W]`` (channel axis -3)."""
+    return np.asarray(values, dtype=np.float64).reshape(-1, 1, 1)
+
+
+def to_window(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised network input -> the [0, 1] window it was normalised from (v = x·std + mean), float64."""
+    return x.astype(np.float64) * _per_channel(std) + _per_channel(mean)
+
+
+def from_window(v: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[0, 1] window -> normalised network input ((v - mean) / std), float32."""
+    return ((v - _per_channel(mean)) / _per_channel(std)).astype(np.float32)
+
+
+def gaussian_noise(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``x`` plus N(0, sigma²) noise, float32."""
+    return (x.astype(np.float64) + rng.normal(0.0, sigma, x.shape)).astype(np.float32)
+
+
+def fp16_input(x: np.ndarray) -> np.ndarray:
+    """What a float16 transfer of the network input delivers: rounded to float16, back to float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def uint8_window_input(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """What a uint8 transfer of the [0, 1] window delivers: 256 levels (clipped), normalised again."""
+    levels = np.clip(np.rint(to_window(x, mean, std) * 255.0), 0, 255).astype(np.uint8)
+    return from_window(levels / 255.0, mean, std)
+
+
+def input_perturbations(
+    mean: Sequence[float], std: Sequence[float], seed: int = SENSITIVITY_SEED
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The perturbations of PERTURBATIONS, keyed by name; each noise level draws from its own seeded
+    stream, so the result depends only on ``seed`` and the order of the calls."""
+    streams = np.random.SeedSequence(seed).spawn(len(NOISE_SIGMAS))
+    out: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        name: partial(gaussian_noise, sigma=sigma, rng=np.random.default_rng(stream))
+        for (name, sigma), stream in zip(NOISE_SIGMAS.items(), streams)
+    }
+    out["fp16 input"] = fp16_input
+    out["uint8 window input"] = partial(uint8_window_input, mean=mean, std=std)
+    return out
+
+
+def _deltas(probs: np.ndarray, ref: np.ndarray, labels: np.ndarray, cohorts: np.ndarray) -> dict[str, Any]:
+    """max |Δp| (all patients and per cohort) and |ΔAUC| per cohort of ``probs`` against ``ref``."""
+    per: dict[str, Any] = {}
+    for c in sorted(set(cohorts.tolist())):
+        m = cohorts == c
+        auc, auc_ref = _auc(labels[m], probs[m]), _auc(labels[m], ref[m])
+        per[c] = {
+            "n": int(m.sum()),
+            "max_abs_dprob": float(np.max(np.abs(probs[m] - ref[m]))),
+            "abs_dauc": None if auc is None or auc_ref is None else round(abs(auc - auc_ref), 6),
+        }
+    return {"max_abs_dprob": float(np.max(np.abs(probs - ref))), "cohorts": per}
+
+
+def _sensitivity_skip(parts: common.ModelParts, session: Any) -> str | None:
+    if parts.eval_set is None:
+        return "no run patients (random weights, no --run): nothing to measure it on"
+    if parts.preprocess is None:
+        return "the model parts carry no preprocessing config (window, mean/std)"
+    if session is None:
+        return "no ONNX Runtime fp32 session (fp32 not among the variants, or it failed to build)"
+    return None
+
+
+def input_sensitivity(
+    parts: common.ModelParts, session: Any, *, seed: int = SENSITIVITY_SEED
+) -> dict[str, Any]:
+    """The fp32 graph ``session`` on the run's patients, each input perturbation vs the unperturbed input:
+    max |Δp| and |ΔAUC| per cohort (one unperturbed + one pass per perturbation). ``{"skipped": why}``
+    when there are no run patients or no fp32 session."""
+    reason = _sensitivity_skip(parts, session)
+    if reason is not None:
+        return {"skipped": reason}
+    ev, pre = parts.eval_set, parts.preprocess
+    assert ev is not None and pre is not None  # checked by _sensitivity_skip
+    ref = _run_patients(session, ev.slices)
+    lo, hi = pre.window_mg_ml
+    cohorts = sorted(set(ev.cohorts.tolist()))
+    out: dict[str, Any] = {
+        "graph": "ort-fp32",
+        "reference": "the same graph on the unperturbed inputs",
+        "n_patients": len(ev.ids),
+        "slices_per_patient": int(ev.slices.shape[1]),
+        "seed": seed,
+        "preprocessing": {
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "window_mg_ml": [lo, hi],
+            "uint8_step_mg_ml": round((hi - lo) / 255, 6),
+        },
+        "auc_unperturbed": {c: _auc(ev.labels[ev.cohorts == c], ref[ev.cohorts == c]) for c in cohorts},
+        "gate": {"max_abs_dprob": PROB_TOL["int8"], "abs_dauc": AUC_TOL},
+        "perturbations": {},
+    }
+    for name, fn in input_perturbations(pre.mean, pre.std, seed).items():
+        probs = _run_patients(session, ev.slices, transform=fn)
+        out["perturbations"][name] = {
+            "what": PERTURBATIONS[name],
+            **_deltas(probs, ref, ev.labels, ev.cohorts),
+        }
     return out
 
 
@@ -209,6 +345,7 @@ def run(
         rows: list[dict[str, Any]] = []
         failed: dict[str, str] = {}
         agreement: dict[str, Any] = {}
+        sensitivity: dict[str, Any] = {}
         for n_threads in thread_counts:
             common.set_threads(n_threads)
             sessions: dict[str, Any] = {}
@@ -223,6 +360,7 @@ def run(
                 log.info("threads %d, batch %d done", n_threads, b)
             if not agreement:
                 agreement = agreement_on_run(parts, sessions)
+                sensitivity = input_sensitivity(parts, sessions.get("fp32"))
         if agreement:
             agreement["selected_features"] = feature_agreement(parts, graphs, list(sessions))
         _add_best_torch(rows)
@@ -246,6 +384,7 @@ def run(
         "build_seconds": build_seconds,
         "rows": rows,
         "agreement_on_run": agreement,
+        "input_sensitivity": sensitivity,
     }
     result["targets"] = _targets(result)
     _print(result)
@@ -336,7 +475,18 @@ def _print(result: dict[str, Any]) -> None:
                 daucs = {c: x["dauc"] for c, x in v["cohorts"].items()}
                 print(f"  {name:<10} max|Δp| {v['max_abs_dprob']:.2e}  ΔAUC {daucs}")
         print(f"  selected features, relative difference: {agree.get('selected_features')}")
+    _print_sensitivity(result.get("input_sensitivity") or {})
     common.print_targets(result["targets"])
+
+
+def _print_sensitivity(sens: dict[str, Any]) -> None:
+    if "skipped" in sens:
+        print(f"input precision sensitivity: skipped ({sens['skipped']})")
+    elif sens:
+        print(f"input precision sensitivity of the fp32 graph on {sens['n_patients']} run patients:")
+        for name, v in sens["perturbations"].items():
+            daucs = {c: x["abs_dauc"] for c, x in v["cohorts"].items()}
+            print(f"  {name:<18} max|Δp| {v['max_abs_dprob']:.2e}  |ΔAUC| {daucs}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

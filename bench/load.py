@@ -8,6 +8,15 @@ report both side by side (same machine, same run):
 
     python -m bench.load --image IMG --mask MASK --model-dir EXPORT --compare-batching
 
+Two request kinds (``--inputs``): ``upload`` sends the image and mask files (the service reads and
+preprocesses them: HTTP ``/predict``, gRPC model ``pdl1``); ``preprocessed`` sends the same patient's
+network input, preprocessed here with the export's own config (HTTP ``/predict_preprocessed`` with a
+.npy, gRPC model ``pdl1-graph`` with an FP32 tensor), so it measures serving and batching without the
+preprocessing that shares the CPUs. With ``--compare-batching``, once the servers are stopped, the bare
+graph (``core.runtime.InferenceModel`` on the same export, variant and threads) is timed in this process
+at batch 1 and at the batch sizes the service ran: the "same batch size" reference for the service's
+throughput, and the ceiling of what batching can gain on this machine (bare graph at batch B / batch 1).
+
 Bounded: each (protocol, concurrency) level sends at most --requests requests and stops starting new
 ones after --max-seconds. Loopback only: other hosts are refused. The batch sizes the graph service
 actually ran come from BentoML's `bentoml_service_adaptive_batch_size` histogram in /metrics.
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import socket
@@ -24,6 +34,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -89,19 +100,52 @@ async def _run_level(call: Any, concurrency: int, n_requests: int, max_seconds: 
     }
 
 
-async def _http_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Payload:
+    """One patient, as each request kind sends it."""
+
+    image: bytes
+    mask: bytes
+    slices: np.ndarray  # network input [S,3,H,W] float32 (preprocessed with the export's config)
+
+    @property
+    def npy(self) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, self.slices)
+        return buf.getvalue()
+
+
+def network_input(image: Path, mask: Path, model_dir: str | None) -> np.ndarray:
+    """The patient's network input, preprocessed with the export's config from its manifest (the
+    default config when no export is given)."""
+    from core.manifest import MANIFEST_NAME, ModelManifest
+    from core.preprocessing import PreprocessConfig, preprocess_files
+
+    config = None
+    if model_dir:
+        manifest = ModelManifest.read(Path(model_dir) / MANIFEST_NAME)
+        config = PreprocessConfig.model_validate(manifest.preprocess)
+    return np.ascontiguousarray(preprocess_files(image, mask, config).slices, dtype=np.float32)
+
+
+async def _http_levels(args: argparse.Namespace, kind: str, payload: Payload) -> list[dict[str, Any]]:
     import httpx
 
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    npy = payload.npy
+    route, files = (
+        ("/predict", {"image": ("image.nii.gz", payload.image), "mask": ("mask.nii.gz", payload.mask)})
+        if kind == "upload"
+        else ("/predict_preprocessed", {"npy": ("slices.npy", npy)})
+    )
     results = []
     async with httpx.AsyncClient(
         base_url=args.url, headers=headers, timeout=args.timeout, limits=limits
     ) as client:
 
         async def call() -> None:
-            files = {"image": ("image.nii.gz", image), "mask": ("mask.nii.gz", mask)}
-            response = await client.post("/predict", files=files)
+            response = await client.post(route, files=files)
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:120]}")
 
@@ -111,23 +155,38 @@ async def _http_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> l
             level = await _run_level(call, c, args.requests, args.max_seconds)
             after = batch_histogram((await client.get("/metrics")).text)
             level["mean_batch_size"] = _mean_batch(before, after)
-            results.append({"protocol": "http", **level})
+            results.append({"protocol": "http", "input": kind, **level})
             print(json.dumps(results[-1]), file=sys.stderr)
     return results
 
 
-async def _grpc_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> list[dict[str, Any]]:
+def grpc_request(kind: str, payload: Payload) -> Any:
+    """The Open Inference Protocol request for one patient: files to `pdl1`, or the FP32 network input
+    (raw little-endian contents, [1,S,3,H,W]) to `pdl1-graph`."""
+    from service.oip import grpc_predict_v2_pb2 as pb
+    from service.oip.models import FILE_MODEL, GRAPH_MODEL
+    from service.oip.tensors import encode_raw_bytes
+
+    if kind == "upload":
+        request = pb.ModelInferRequest(model_name=FILE_MODEL)
+        for name, data in (("image", payload.image), ("mask", payload.mask)):
+            request.inputs.add(name=name, datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(encode_raw_bytes([data]))
+        return request
+    x = payload.slices[None]
+    request = pb.ModelInferRequest(model_name=GRAPH_MODEL)
+    request.inputs.add(name="slices", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype("<f4", copy=False).tobytes())
+    return request
+
+
+async def _grpc_levels(args: argparse.Namespace, kind: str, payload: Payload) -> list[dict[str, Any]]:
     import grpc
     import httpx
 
-    from service.oip import grpc_predict_v2_pb2 as pb
     from service.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-    from service.oip.tensors import encode_raw_bytes
 
-    request = pb.ModelInferRequest(model_name="pdl1")
-    for name, data in (("image", image), ("mask", mask)):
-        request.inputs.add(name=name, datatype="BYTES", shape=[1])
-        request.raw_input_contents.append(encode_raw_bytes([data]))
+    request = grpc_request(kind, payload)
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     limit = 1 << 30
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -147,7 +206,7 @@ async def _grpc_levels(args: argparse.Namespace, image: bytes, mask: bytes) -> l
             level = await _run_level(call, c, args.requests, args.max_seconds)
             after = batch_histogram((await http.get("/metrics", headers=dict(metadata))).text)
             level["mean_batch_size"] = _mean_batch(before, after)
-            results.append({"protocol": "grpc", **level})
+            results.append({"protocol": "grpc", "input": kind, **level})
             print(json.dumps(results[-1]), file=sys.stderr)
     return results
 
@@ -157,14 +216,54 @@ def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> floa
     return round((after[0] - before[0]) / calls, 2) if calls > 0 else None
 
 
-def run_against(args: argparse.Namespace) -> list[dict[str, Any]]:
-    image, mask = Path(args.image).read_bytes(), Path(args.mask).read_bytes()
+def run_against(args: argparse.Namespace, payload: Payload) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    if "http" in args.protocols:
-        results += asyncio.run(_http_levels(args, image, mask))
-    if "grpc" in args.protocols:
-        results += asyncio.run(_grpc_levels(args, image, mask))
+    for kind in args.inputs:
+        if "http" in args.protocols:
+            results += asyncio.run(_http_levels(args, kind, payload))
+        if "grpc" in args.protocols:
+            results += asyncio.run(_grpc_levels(args, kind, payload))
     return results
+
+
+def bare_graph(
+    model_dir: str, slices: np.ndarray, batches: list[int], *, repeats: int = 5, budget_s: float = 120.0
+) -> dict[str, Any]:
+    """The served graph without the service: ``core.runtime.InferenceModel`` on the same export with the
+    service's defaults (variant, providers, threads), timed interleaved at each batch (patients)."""
+    from bench import common
+    from core.runtime import InferenceModel
+
+    model = InferenceModel.load(model_dir)
+    inputs = {b: np.ascontiguousarray(np.repeat(slices[None], b, axis=0)) for b in sorted(set(batches))}
+    times = common.interleaved(
+        {str(b): (lambda x=x: model.predict(x)) for b, x in inputs.items()},
+        repeats=repeats,
+        budget_s=budget_s,
+        min_repeats=3,
+    )
+    rows = []
+    for b, x in inputs.items():
+        st = common.stats(times[str(b)])
+        n_slices = b * x.shape[1]
+        rows.append(
+            {"batch_patients": b, "batch_slices": n_slices, **st, "slices_per_s": n_slices / st["median_s"]}
+        )
+    return {
+        "variant": model.variant,
+        "provider": model.provider,
+        "slices_per_patient": int(x.shape[1]),
+        "rows": rows,
+    }
+
+
+def observed_batches(runs: list[dict[str, Any]]) -> list[int]:
+    """Batch sizes (patients) the batching service actually ran, rounded, plus 1."""
+    sizes = {1}
+    for r in runs:
+        if r.get("mode") == "batching" and r.get("mean_batch_size"):
+            sizes.add(max(1, round(float(r["mean_batch_size"]))))
+    return sorted(sizes)
 
 
 def _free_port() -> int:
@@ -228,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--grpc", default="127.0.0.1:8001")
     p.add_argument("--protocols", default="http,grpc")
+    p.add_argument("--inputs", default="upload,preprocessed", help="Request kinds: upload, preprocessed.")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--requests", type=int, default=64, help="Most requests per level.")
     p.add_argument("--max-seconds", type=float, default=120.0, help="Stop starting requests after this.")
@@ -241,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    args.inputs = [x.strip() for x in args.inputs.split(",") if x.strip()]
+    if not set(args.inputs) <= {"upload", "preprocessed"} or not args.inputs:
+        raise SystemExit("--inputs must be a subset of upload,preprocessed")
     if not 1 <= args.requests <= 10_000 or not 0 < args.max_seconds <= 3600:
         raise SystemExit("--requests must be 1..10000 and --max-seconds 0..3600 (this is a bounded test)")
 
@@ -250,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k not in ("token",)},
         "runs": [],
     }
+    image, mask = Path(args.image), Path(args.mask)
+    payload = Payload(image.read_bytes(), mask.read_bytes(), network_input(image, mask, args.model_dir))
     if args.compare_batching:
         if not args.model_dir:
             raise SystemExit("--compare-batching needs --model-dir")
@@ -259,11 +364,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 target,
             ):
                 args.url, args.grpc = url, target
-                report["runs"] += [{"mode": label, **r} for r in run_against(args)]
+                report["runs"] += [{"mode": label, **r} for r in run_against(args, payload)]
+        # After the servers stopped: nothing else competes for the CPUs while the bare graph is timed.
+        report["bare_graph"] = bare_graph(args.model_dir, payload.slices, observed_batches(report["runs"]))
     else:
         _check_loopback(urlparse(args.url).hostname)
         _check_loopback(args.grpc.rsplit(":", 1)[0].strip("[]"))
-        report["runs"] = [{"mode": "as-running", **r} for r in run_against(args)]
+        report["runs"] = [{"mode": "as-running", **r} for r in run_against(args, payload)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -7,10 +7,12 @@ bench/results.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,15 +89,29 @@ def _fake_load(results: Path) -> None:
         {
             "mode": mode,
             "protocol": proto,
+            "input": kind,
             "concurrency": 32,
             "completed": 32,
             "errors": 0,
-            "throughput_rps": rps,
+            "throughput_rps": rps * (1.5 if kind == "preprocessed" else 1.0),
+            "mean_batch_size": 8.2 if mode == "batching" else None,
         }
         for mode, rps in (("batching", 6.0), ("max_batch_size=1", 2.0))
         for proto in ("http", "grpc")
+        for kind in ("upload", "preprocessed")
     ]
-    (results / "load.json").write_text(json.dumps({"settings": {"concurrency": [32]}, "runs": runs}))
+    bare = {
+        "variant": "fp32",
+        "provider": "CPUExecutionProvider",
+        "slices_per_patient": 3,
+        "rows": [
+            {"batch_patients": 1, "batch_slices": 3, "median_s": 0.15, "n": 5, "slices_per_s": 20.0},
+            {"batch_patients": 8, "batch_slices": 24, "median_s": 1.0, "n": 5, "slices_per_s": 24.0},
+        ],
+    }
+    (results / "load.json").write_text(
+        json.dumps({"settings": {"concurrency": [32]}, "runs": runs, "bare_graph": bare})
+    )
 
 
 def test_render_keeps_hand_written_text_and_is_idempotent(tmp_path: Path) -> None:
@@ -110,16 +126,78 @@ def test_render_keeps_hand_written_text_and_is_idempotent(tmp_path: Path) -> Non
     assert once.startswith("# Bench\n\nintro text") and once.rstrip().endswith("## GPU\nkept")
     assert "old" not in once
     assert "| features | 120.000 |" in once
-    assert "**pass** http: batching / max_batch_size=1 at 32 clients: 3.000" in once  # 6.0 / 2.0 req/s
-    assert "| load | grpc: batching / max_batch_size=1 at 32 clients | 3.000 | >= 3.0 | pass |" in once
+    ceiling = "(this machine's ceiling, bare graph at 8 patients / at 1: 1.20x)"
+    # 6.0 / 2.0 req/s; the ceiling is 24 / 20 slices/s of the bare graph at the service's batch (8.2 -> 8)
+    assert f"**pass** http, upload: batching / max_batch_size=1 at 32 clients {ceiling}: 3.000" in once
+    # 6 req/s x 3 slices / 24 slices/s = 0.75 (upload); x 1.5 for preprocessed = 1.125
+    assert (
+        "**FAIL** grpc, upload: service slices/s at 32 clients / bare graph at the same batch (8 patients"
+        in once
+    )
+    assert ": 0.750 (target >= 0.8)" in once
+    assert "**pass** grpc, preprocessed: service slices/s at 32 clients / bare graph" in once
+    assert ": 1.125 (target >= 0.8)" in once
+    assert "| preprocessed |" in once and "| batch_patients |" in once
+
+
+def test_observed_batches_and_payload() -> None:
+    from bench import load
+
+    runs = [
+        {"mode": "batching", "mean_batch_size": 7.6},
+        {"mode": "batching", "mean_batch_size": 1.0},
+        {"mode": "batching", "mean_batch_size": None},
+        {"mode": "max_batch_size=1", "mean_batch_size": 30.0},  # not a batching run: ignored
+    ]
+    assert load.observed_batches(runs) == [1, 8]
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    payload = load.Payload(b"img", b"msk", x)
+    np.testing.assert_array_equal(np.load(io.BytesIO(payload.npy), allow_pickle=False), x)
+
+
+def test_grpc_requests_decode_to_what_was_sent() -> None:
+    from bench import load
+    from service.oip.models import FILE_MODEL, GRAPH_MODEL
+    from service.oip.tensors import decode_raw_bytes, grpc_input_to_numpy
+
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    payload = load.Payload(b"image-bytes", b"mask-bytes", x)
+    graph = load.grpc_request("preprocessed", payload)
+    assert graph.model_name == GRAPH_MODEL and [i.name for i in graph.inputs] == ["slices"]
+    decoded = grpc_input_to_numpy(graph.inputs[0], graph.raw_input_contents[0], max_elements=10**6)
+    np.testing.assert_array_equal(decoded, x[None])
+    files = load.grpc_request("upload", payload)
+    assert files.model_name == FILE_MODEL and [i.name for i in files.inputs] == ["image", "mask"]
+    assert [decode_raw_bytes(r, "x") for r in files.raw_input_contents] == [[b"image-bytes"], [b"mask-bytes"]]
+
+
+def _add_run_patients(parts: common.ModelParts) -> None:
+    """Four 'run patients' made as preprocessing makes them (a [0, 1] window normalised with the config's
+    mean/std), two cohorts with both labels, the torch path's probabilities as the study's reference."""
+    from core.preprocessing import PreprocessConfig
+
+    pre = PreprocessConfig(size=parts.image_size, n_slices=parts.n_slices)
+    x = common.synthetic_slices(4, parts.n_slices, seed=5, size=parts.image_size)
+    window = np.clip(x * 0.5 + 0.5, 0.0, 1.0)  # synthetic_slices normalise with mean = std = 0.5
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (pre.mean, pre.std))
+    slices = ((window - mean) / std).astype(np.float32)
+    parts.preprocess = pre
+    parts.eval_set = common.EvalSet(
+        ids=np.array(["a", "b", "c", "d"]),
+        slices=slices,
+        labels=np.array([0, 1, 0, 1]),
+        cohorts=np.array(["training", "training", "validation", "validation"]),
+        reference=parts.torch_probability(slices),
+    )
 
 
 @pytest.mark.slow
-def test_graph_and_cam_tiny_random_model(tmp_path: Path) -> None:
+def test_graph_and_cam_tiny_random_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Export + int8-quantise a random ResNet-50 at 64 px (the export code), time it against torch."""
     from bench import cam, graph
 
     parts = common.random_parts(image_size=64, n_patients=2, n_slices=2)
+    _add_run_patients(parts)
     graphs = common.GraphCache(parts, tmp_path / "graphs")
     graph.run(
         batches=(1, 2),
@@ -142,6 +220,18 @@ def test_graph_and_cam_tiny_random_model(tmp_path: Path) -> None:
     # one thread count: the fastest torch row of a batch is that batch's torch row
     assert all(r["speedup_vs_best_torch"] == r["speedup_vs_torch"] for r in g["rows"])
     assert any("batch 8" in t["what"] and t["passed"] is None for t in g["targets"])  # batch 8 not run
+    assert g["agreement_on_run"]["fp32"]["max_abs_dprob"] < 1e-3
+    sens = g["input_sensitivity"]
+    assert list(sens["perturbations"]) == ["noise 1e-6", "noise 1e-4", "fp16 input", "uint8 window input"]
+    assert sens["n_patients"] == 4 and sens["preprocessing"]["std"] == list(parts.preprocess.std)
+    for v in sens["perturbations"].values():
+        assert 0 <= v["max_abs_dprob"] < 1 and set(v["cohorts"]) == {"training", "validation"}
+    # the same graph on the same inputs: the unperturbed pass reproduces the agreement's fp32 AUCs
+    fp32_aucs = {c: x["auc"] for c, x in g["agreement_on_run"]["fp32"]["cohorts"].items()}
+    assert sens["auc_unperturbed"] == pytest.approx(fp32_aucs)
+    printed = capsys.readouterr().out
+    assert "input precision sensitivity of the fp32 graph on 4 run patients:" in printed
+    assert "  uint8 window input max|Δp|" in printed
 
     cam.run(
         patients=(1,),
@@ -168,6 +258,8 @@ def test_graph_and_cam_tiny_random_model(tmp_path: Path) -> None:
     run_all.render(tmp_path, md)
     text = md.read_text()
     assert "### Graph" in text and "### Grad-CAM" in text and "ort-int8-u8s8" in text
+    assert "Input precision sensitivity of the ONNX Runtime fp32 graph on the same 4 run patients" in text
+    assert "| uint8 window input | [0, 1] window quantised to uint8" in text
 
 
 @pytest.mark.slow

@@ -483,3 +483,41 @@ def test_pdl1_client_cli(
     result = json.loads(done.stdout)
     assert abs(result["probability"] - reference["probability"]) <= 1e-5
     assert sitk.ReadImage(str(cam)).GetSize() == patient.image.GetSize()
+
+
+def test_load_bench_request_kinds(
+    server: Server, patient: Patient, reference: dict, small_export: Path
+) -> None:
+    """bench.load's four request kinds (HTTP/gRPC x upload/preprocessed) are accepted by the service, and
+    its bare-graph timing runs the same export at the batch sizes asked for."""
+    import argparse
+
+    from bench import load
+
+    image, mask = patient.files["image_nii"], patient.files["mask_nii"]
+    payload = load.Payload(
+        image.read_bytes(), mask.read_bytes(), load.network_input(image, mask, str(small_export))
+    )
+    np.testing.assert_allclose(payload.slices, reference["prep"].slices, atol=1e-6)  # the export's own config
+    args = argparse.Namespace(
+        url=server.http,
+        grpc=server.grpc,
+        protocols=["http", "grpc"],
+        inputs=["upload", "preprocessed"],
+        concurrency=[2],
+        requests=2,
+        max_seconds=120,
+        timeout=300,
+        token=None,
+    )
+    runs = load.run_against(args, payload)
+    assert {(r["protocol"], r["input"]) for r in runs} == {
+        (p, k) for p in ("http", "grpc") for k in ("upload", "preprocessed")
+    }
+    assert all(r["completed"] == 2 and r["errors"] == 0 for r in runs), runs
+
+    bare = load.bare_graph(str(small_export), payload.slices, [1, 2], repeats=2, budget_s=30)
+    assert [r["batch_patients"] for r in bare["rows"]] == [1, 2]
+    assert [r["batch_slices"] for r in bare["rows"]] == [payload.slices.shape[0] * b for b in (1, 2)]
+    assert bare["variant"] == InferenceModel.load(small_export).variant
+    assert all(r["n"] >= 2 and r["slices_per_s"] > 0 for r in bare["rows"])
