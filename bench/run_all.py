@@ -157,7 +157,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     lambda: cam.run(
                         patients=(1,) if quick else (1, 4),
                         int8=not quick,
-                        repeats=2 if quick else 5,
+                        repeats=2 if quick else cam.DEFAULT_REPEATS,
                         budget_s=20.0 if quick else 90.0,
                         threads=threads[0] if threads else None,
                         quick=quick,

@@ -29,6 +29,9 @@ from service.errors import PayloadTooLarge, RequestError, UnsupportedFormat
 from service.uploads import KNOWN_SUFFIXES
 
 log = logging.getLogger(__name__)
+# Tries of one graph call when its pooled connection was closed (see Pipeline._call), and the pause unit.
+GRAPH_CALL_ATTEMPTS = 4
+RETRY_PAUSE_S = 0.05
 
 CamFormat = Literal["nifti", "png"]
 CAM_SOURCE_GRAPH = "graph"
@@ -137,21 +140,33 @@ class Pipeline:
         return True
 
     async def _call(self, method: str, *args: Any) -> Any:
-        """Call the graph service; retry ONCE when the pooled connection was already closed by the server.
+        """Call the graph service, trying at most GRAPH_CALL_ATTEMPTS times when the pooled connection
+        turns out to be closed.
 
-        BentoML's dependency client (aiohttp) can pick a keep-alive connection that the graph server has
-        just timed out; the request never reached the model, and every graph method is idempotent, so one
-        retry is safe. It is logged, and a second failure propagates.
+        Why: BentoML's dependency client (aiohttp over a Unix socket) keeps idle connections for 15 s, while
+        the graph worker's uvicorn closes them after 5 s (BentoML passes no keep-alive option to dependency
+        workers). Under load the front's event loop has often not yet seen those closes, so several calls
+        in a row can pick dead connections (64 concurrent clients on 2 CPUs gave HTTP 500s with a single
+        retry). Waiting a moment between tries lets aiohttp drop them. Every graph method is idempotent,
+        each retry is logged, and the last failure propagates.
         """
         import aiohttp
 
-        try:
-            return await getattr(self._graph(), method)(*args)
-        except aiohttp.ClientConnectionError as exc:  # includes ServerDisconnectedError
-            log.warning(
-                "graph call %s failed on a stale connection (%s); retrying once", method, type(exc).__name__
-            )
-            return await getattr(self._graph(), method)(*args)
+        for attempt in range(1, GRAPH_CALL_ATTEMPTS + 1):
+            try:
+                return await getattr(self._graph(), method)(*args)
+            except aiohttp.ClientConnectionError as exc:  # includes ServerDisconnectedError
+                if attempt == GRAPH_CALL_ATTEMPTS:
+                    raise
+                log.warning(
+                    "graph call %s failed on a closed connection (%s); retry %d of %d",
+                    method,
+                    type(exc).__name__,
+                    attempt,
+                    GRAPH_CALL_ATTEMPTS - 1,
+                )
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ----------------------------------------------------------------------------------------- predict
 

@@ -27,13 +27,20 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_interleaved_times_every_candidate_round_robin() -> None:
+def test_interleaved_times_every_candidate_once_per_round_in_changing_orders() -> None:
     order: list[str] = []
-    times = common.interleaved(
-        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1
-    )
-    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then strictly alternating
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    fns = {k: (lambda k=k: order.append(k)) for k in "abcd"}
+    times = common.interleaved(fns, repeats=12, warmup=1, seed=3)
+    assert order[:8] == list("abcd") * 2  # one warm-up each, then the first round in the given order
+    rounds = [order[i : i + 4] for i in range(4, len(order), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    # the predecessor of a candidate changes between rounds (a fixed or rotated cycle would not do that)
+    before_b = {r[r.index("b") - 1] for r in rounds if r.index("b") > 0}
+    assert len(before_b) >= 2
+    again: list[str] = []
+    common.interleaved({k: (lambda k=k: again.append(k)) for k in "abcd"}, repeats=12, warmup=1, seed=3)
+    assert again == order  # seeded: the same schedule every time
+    assert {k: len(v) for k, v in times.items()} == {k: 12 for k in "abcd"}
     assert common.stats([3.0, 1.0, 2.0])["median_s"] == 2.0
 
 
