@@ -28,8 +28,8 @@ import numpy as np
 from bench import common
 
 log = logging.getLogger(__name__)
-# The in-graph CAM adds a few ms to a ~120 ms call: 5 interleaved repeats once showed 25 % at 1 patient
-# where 15 showed 0.5 %, so the small sizes get more repeats (the time budget still bounds each size).
+# The in-graph CAM adds a few ms to a ~120 ms call, so the medians need more than 5 repeats to resolve it
+# (in the shuffled order of common.interleaved); the time budget still bounds each size.
 DEFAULT_REPEATS = 15
 
 PLAIN = "plain inference (ORT {v})"

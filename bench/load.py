@@ -242,17 +242,18 @@ def bare_graph(
         budget_s=budget_s,
         min_repeats=3,
     )
+    per_patient = int(slices.shape[0])
     rows = []
-    for b, x in inputs.items():
+    for b in inputs:
         st = common.stats(times[str(b)])
-        n_slices = b * x.shape[1]
+        n_slices = b * per_patient
         rows.append(
             {"batch_patients": b, "batch_slices": n_slices, **st, "slices_per_s": n_slices / st["median_s"]}
         )
     return {
         "variant": model.variant,
         "provider": model.provider,
-        "slices_per_patient": int(x.shape[1]),
+        "slices_per_patient": per_patient,
         "rows": rows,
     }
 
