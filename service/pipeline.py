@@ -152,12 +152,10 @@ class Pipeline:
         """
         import aiohttp
 
-        for attempt in range(1, GRAPH_CALL_ATTEMPTS + 1):
+        for attempt in range(1, GRAPH_CALL_ATTEMPTS):
             try:
                 return await getattr(self._graph(), method)(*args)
             except aiohttp.ClientConnectionError as exc:  # includes ServerDisconnectedError
-                if attempt == GRAPH_CALL_ATTEMPTS:
-                    raise
                 log.warning(
                     "graph call %s failed on a closed connection (%s); retry %d of %d",
                     method,
@@ -166,7 +164,7 @@ class Pipeline:
                     GRAPH_CALL_ATTEMPTS - 1,
                 )
                 await asyncio.sleep(RETRY_PAUSE_S * attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await getattr(self._graph(), method)(*args)  # the last try: its failure propagates
 
     # ----------------------------------------------------------------------------------------- predict
 
